@@ -1,0 +1,158 @@
+"""Data sets: Fashion-MNIST held in memory, ImageNet-style folders, and seeded splits.
+
+A data set is named by a *spec* string:
+
+- ``fmnist`` (default): Fashion-MNIST from the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``), ``$MNQ_FMNIST_DIR``, or a torchvision download folder;
+- ``fmnist:PATH``: the four idx ``.gz`` files in PATH (or PATH/FashionMNIST/raw);
+- ``imagefolder:PATH``: an ImageNet-style tree with ``train/`` and ``val/`` class folders (or class
+  folders directly in PATH, used for every split), preprocessed with the model's own timm config.
+
+Fashion-MNIST is small enough to hold as uint8 tensors on the device; batches are cut from it and
+augmented on the device (random shift by padding and cropping, horizontal flip), with no DataLoader.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+FMNIST_MEAN = 0.2860
+FMNIST_STD = 0.3530
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                  "Sneaker", "Bag", "Ankle boot")
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_FMNIST_HINT = ("install the Debian package 'dataset-fashion-mnist' (apt install dataset-fashion-mnist), "
+                "set MNQ_FMNIST_DIR to a folder with the four idx .gz files, or pass --download to "
+                "fetch it with torchvision")
+
+
+def _fmnist_candidates(path: str | None) -> list[Path]:
+    if path:
+        return [Path(path), Path(path) / "FashionMNIST" / "raw"]
+    out = []
+    if os.environ.get("MNQ_FMNIST_DIR"):
+        out.append(Path(os.environ["MNQ_FMNIST_DIR"]))
+    out += [Path("/usr/share/datasets/fashion-mnist"),
+            Path.home() / ".cache" / "mnq-search" / "FashionMNIST" / "raw"]
+    return out
+
+
+def find_fmnist(path: str | None = None, download: bool = False) -> Path:
+    """Return the folder holding the Fashion-MNIST idx files, or raise a UsageError saying how to get them."""
+    for cand in _fmnist_candidates(path):
+        if all((cand / f).is_file() for pair in _FMNIST_FILES.values() for f in pair):
+            return cand
+    if download:
+        from torchvision.datasets import FashionMNIST  # optional path, needs internet
+        root = Path(path) if path else Path.home() / ".cache" / "mnq-search"
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+        return root / "FashionMNIST" / "raw"
+    where = path or "the default places"
+    raise UsageError(f"Fashion-MNIST not found in {where}: {_FMNIST_HINT}")
+
+
+def _read_idx(file: Path) -> np.ndarray:
+    try:
+        with gzip.open(file, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"cannot read {file}: {exc}") from None
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise UsageError(f"{file} is not an idx uint8 file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise UsageError(f"{file} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return body.reshape(dims)
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory: ``images`` uint8 (N, 1, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device | str) -> "TensorSplit":
+        return TensorSplit(self.images.to(device), self.labels.to(device))
+
+    def subset(self, index: torch.Tensor) -> "TensorSplit":
+        index = index.to(self.labels.device)
+        return TensorSplit(self.images[index], self.labels[index])
+
+
+def load_fmnist(split: str, path: str | None = None, download: bool = False) -> TensorSplit:
+    """Load the Fashion-MNIST ``train`` or ``test`` split as uint8 tensors."""
+    if split not in _FMNIST_FILES:
+        raise UsageError(f"unknown Fashion-MNIST split {split!r}; choose train or test")
+    root = find_fmnist(path, download)
+    img_file, lbl_file = _FMNIST_FILES[split]
+    images = _read_idx(root / img_file)
+    labels = _read_idx(root / lbl_file)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise UsageError(f"Fashion-MNIST files in {root} have inconsistent shapes")
+    if images.shape[0] == 0:
+        raise UsageError(f"Fashion-MNIST {split} split in {root} is empty")
+    return TensorSplit(torch.from_numpy(images.copy()).unsqueeze(1),
+                       torch.from_numpy(labels.astype(np.int64)))
+
+
+def normalize_fmnist(images_u8: torch.Tensor, pad_to: int | None = None) -> torch.Tensor:
+    """uint8 (N,1,28,28) -> normalized float; optionally zero-pads (in normalized space) to ``pad_to``."""
+    x = (images_u8.float() / 255.0 - FMNIST_MEAN) / FMNIST_STD
+    if pad_to is not None and pad_to != x.shape[-1]:
+        p = (pad_to - x.shape[-1]) // 2
+        fill = -FMNIST_MEAN / FMNIST_STD  # the value of a black pixel
+        x = torch.nn.functional.pad(x, (p, pad_to - x.shape[-1] - p, p, pad_to - x.shape[-2] - p), value=fill)
+    return x
+
+
+def augment_shift_flip(images_u8: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random shift by up to ``max_shift`` pixels (zero padding, then crop) and horizontal flip, batched."""
+    n, c, h, w = images_u8.shape
+    dev = images_u8.device
+    padded = torch.nn.functional.pad(images_u8, (max_shift,) * 4)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator, device="cpu").to(dev)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator, device="cpu").to(dev)
+    flip = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(dev)
+    rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])  # (n, h)
+    cols = torch.arange(w, device=dev)[None, :].expand(n, w)
+    cols = torch.where(flip[:, None], (w - 1) - cols, cols) + dx[:, None]  # (n, w)
+    idx_n = torch.arange(n, device=dev)[:, None, None]
+    out = padded[:, 0][idx_n, rows[:, :, None], cols[:, None, :]]
+    return out.unsqueeze(1).expand(n, c, h, w) if c == 1 else out
+
+
+def seeded_subset(n_total: int, n: int | None, seed: int) -> torch.Tensor:
+    """The first ``n`` of a seeded permutation of ``range(n_total)`` (all, in order, when n is None)."""
+    if n is None or n >= n_total:
+        return torch.arange(n_total)
+    if n <= 0:
+        raise UsageError(f"subset size must be positive, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+def iterate_batches(split: TensorSplit, batch_size: int, pad_to: int | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalized ``(images, labels)`` batches in order (for evaluation and calibration)."""
+    for start in range(0, len(split), batch_size):
+        imgs = split.images[start:start + batch_size].to(device)
+        yield normalize_fmnist(imgs, pad_to), split.labels[start:start + batch_size].to(device)

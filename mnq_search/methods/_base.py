@@ -1,0 +1,152 @@
+"""The interface every integer non-linear method implements, and its training-time autograd.
+
+A method is an ``nn.Module`` for one op (``softmax`` over the last dim, ``gelu``, ``layernorm``
+over the last dim) from one family (``ibert``, ``fqvit``, ``ivit``). It implements
+:meth:`NonLinearMethod.kernel` once, on integer-valued tensors of either kind (see
+:mod:`._intops`), and inherits two paths:
+
+- ``forward(x, s_x) -> (y, s_y)``: the training path. ``x`` lies on the grid of ``s_x``; the
+  kernel runs on float64-held integers without building a graph; ``y`` (float32) lies on the grid
+  of ``s_y``. The backward pass is a straight-through estimator at the level of the op: it is the
+  vector-Jacobian product of the exact float op (:meth:`float_op`) at the dequantized input, for
+  the input and for the LayerNorm weight and bias. This treats the integer approximation the way
+  the STE treats rounding, and keeps only the input tensor alive for backward (the references
+  differentiate through every floor of the kernel, which stores a dozen tensors per op).
+- ``forward_int(q, s_x) -> (q_y, s_y)``: the integer path, int64 tensors in and out, with the
+  register-width checks of :func:`._intops.check_range`.
+
+Both paths call the same kernel with the same integer constants, so they agree bit for bit; the
+tests check it on random and adversarial inputs.
+
+Hooks: :meth:`observe` runs in ``train()`` mode before the kernel (calibrated ranges, e.g. FQ-ViT's
+power-of-two factors); ranges are buffers, frozen in ``eval()``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant._fake_quant import check_bits
+from ._intops import check_range, is_int
+
+
+class _KernelSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, module: "NonLinearMethod", x: torch.Tensor, s_x: torch.Tensor, *params: torch.Tensor):
+        with torch.no_grad():
+            q = torch.floor(x.detach().double() / s_x.double() + 0.5)
+            q_y, s_y = module.kernel(q, s_x.double())
+            y = (q_y * s_y).float()
+        ctx.module = module
+        ctx.save_for_backward(x, *params)
+        s_y = s_y.float()
+        ctx.mark_non_differentiable(s_y)
+        return y, s_y
+
+    @staticmethod
+    def backward(ctx, g_y: torch.Tensor, g_s: torch.Tensor):
+        x, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            xd = x.detach().float().requires_grad_(x.requires_grad)
+            ps = [p.detach().requires_grad_(p.requires_grad) for p in params]
+            out = ctx.module.float_op(xd, *ps)
+            wrt = [t for t in (xd, *ps) if t.requires_grad]
+            grads = iter(torch.autograd.grad(out, wrt, g_y.float()) if wrt else ())
+        g_x = next(grads).to(x.dtype) if xd.requires_grad else None
+        g_p = [next(grads) if p.requires_grad else None for p in ps]
+        return (None, g_x, None, *g_p)
+
+
+class NonLinearMethod(nn.Module):
+    """Base class of the integer Softmax / GELU / LayerNorm methods.
+
+    Args:
+        bits: the model's activation bit-width (4..8); what it changes is method-specific and
+            documented on each class.
+        float_module: for LayerNorm, the ``nn.LayerNorm`` whose weight, bias and eps to copy
+            (None: no affine).
+
+    Subclasses set ``op`` and ``family`` (filled in by :func:`register_method`), ``in_bits``
+    (the input width the converter gives the slot) and implement :meth:`kernel` and
+    :meth:`float_op`.
+    """
+
+    op: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
+        super().__init__()
+        self.bits = check_bits(bits)
+
+    # --- to implement --------------------------------------------------------------------
+    @property
+    def in_bits(self) -> int:
+        """Bit-width of the input grid this method expects (the slot's input quantizer)."""
+        return self.bits
+
+    def kernel(self, q: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer kernel: integers ``q`` (int64 or float64-held) at scale ``s_x`` (float64, 0-dim)
+        -> integers ``q_y`` of the same kind and their scale ``s_y`` (float64, 0-dim or per channel)."""
+        raise NotImplementedError
+
+    def float_op(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """The exact float op (reference for accuracy tests, and the backward pass)."""
+        raise NotImplementedError
+
+    def grad_params(self) -> tuple[torch.Tensor, ...]:
+        """Parameters that receive gradients through the op (LayerNorm weight and bias)."""
+        return ()
+
+    def observe(self, x: torch.Tensor, s_x: torch.Tensor) -> None:
+        """Optional hook, run in ``train()`` mode before the kernel: update calibrated ranges."""
+
+    # --- provided ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, s_x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        s_x = torch.as_tensor(s_x, dtype=torch.float32, device=x.device)
+        if self.training:
+            with torch.no_grad():
+                self.observe(x.detach().float(), s_x)
+        return _KernelSTE.apply(self, x, s_x, *self.grad_params())
+
+    @torch.no_grad()
+    def forward_int(self, q: torch.Tensor, s_x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        if not is_int(q):
+            raise TypeError(f"forward_int takes an integer tensor, got {q.dtype}")
+        s_x = torch.as_tensor(s_x, dtype=torch.float64, device=q.device)
+        q_y, s_y = self.kernel(q.long(), s_x)
+        if not is_int(q_y):
+            raise TypeError(f"{type(self).__name__}.kernel left the integers: output is {q_y.dtype}")
+        return check_range(q_y, f"{self.family} {self.op} output"), s_y
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, in_bits={self.in_bits}"
+
+
+class AffineLayerNorm(NonLinearMethod):
+    """Base of the LayerNorm methods: copies weight, bias and eps of the float ``nn.LayerNorm``
+    (parameters, trained by QAT through the op-level STE); input on the 16-bit residual grid."""
+
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
+        super().__init__(bits, float_module)
+        w = getattr(float_module, "weight", None)
+        b = getattr(float_module, "bias", None)
+        self.weight = nn.Parameter(w.detach().clone()) if w is not None else None
+        self.bias = nn.Parameter(b.detach().clone()) if b is not None else None
+        self.eps = float(getattr(float_module, "eps", 1e-6))
+
+    @property
+    def in_bits(self) -> int:
+        return 16  # every LayerNorm input is the 16-bit residual stream (I-ViT)
+
+    def grad_params(self):
+        return tuple(p for p in (self.weight, self.bias) if p is not None)
+
+    def float_op(self, x, *params):
+        it = iter(params)  # the tensors of grad_params(), in order
+        w = next(it) if self.weight is not None else None
+        b = next(it) if self.bias is not None else None
+        return F.layer_norm(x, (x.shape[-1],), w, b, self.eps)

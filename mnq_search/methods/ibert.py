@@ -1,0 +1,116 @@
+"""I-BERT's integer Softmax, GELU and LayerNorm (polynomial family).
+
+Kim, Gholami, Yao, Mahoney, Keutzer, "I-BERT: Integer-only BERT Quantization", ICML 2021.
+Facts from ``shared/spec/nonlinear-methods.md`` section 2; deviations are named per class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import AffineLayerNorm, NonLinearMethod
+from ._intops import (as_kind, bitlen, check_range, exp_to_uint16, floor_div, i_exp, isqrt, ln_affine_bias,
+                      ln_center, ln_normalize, mul_shr, prescale, shl, shr)
+from ._registry import register_method
+
+
+@register_method("softmax", "ibert")
+class IBertSoftmax(NonLinearMethod):
+    """Softmax with i-exp, a 16-bit requantization of the exponentials and one integer division.
+
+    Row max subtracted -> i-exp (n <= 15, see :func:`._intops.i_exp`) -> shift to unsigned 16 bits
+    -> ``sum`` (int32) -> ``f = floor(2**32 / sum)`` -> ``out = floor(exp * f / 2**(32 - B))``.
+
+    ``bits`` = B: the output is unsigned B-bit at scale 2**-B. A probability of 1 would give 2**B,
+    which is clamped to 2**B - 1. The 16-bit requantization uses a right shift by the known bound
+    of the exponential (the reference uses a calibrated 16-bit activation quantizer).
+    """
+
+    def kernel(self, q, s_x):
+        q = q - q.amax(dim=-1, keepdim=True)
+        e, s_e, bound = i_exp(q, s_x)
+        e16, _ = exp_to_uint16(e, s_e, bound, q.shape[-1])
+        total = check_range(e16.sum(dim=-1, keepdim=True), "softmax sum")
+        f = check_range(floor_div(2**32, total), "softmax factor")
+        out = torch.clamp(mul_shr(e16, f, 32 - self.bits, "softmax output"), 0, 2**self.bits - 1)
+        return out, torch.tensor(2.0**-self.bits, dtype=torch.float64, device=q.device)
+
+    def float_op(self, x):
+        return torch.softmax(x, dim=-1)
+
+
+ERF_A = -0.2888
+ERF_B = -1.769
+GELU_S_MIN = 2.0**-10
+
+
+@register_method("gelu", "ibert")
+class IBertGELU(NonLinearMethod):
+    """i-GELU: x/2 * (1 + erf(x/sqrt 2)) with erf(u) ~ sign(u) [a (min(|u|, -b) + b)**2 + 1].
+
+    With Se = S/sqrt 2: ``y = sign(q) ((min(|q|, -bq) + bq)**2 + cq)``, ``bq = floor(b/Se)``,
+    ``cq = floor(1/(a Se**2))``; ``y >>= k``; ``out = q (y + floor(1/se))`` at scale S se / 2.
+
+    Deviations: the reference fixes k = 14 because it feeds the raw 32-bit FC1 accumulator; here the
+    input is the slot's ``bits``-bit grid, so k = max(0, bitlen(|cq|) - 15) keeps the erf value at
+    about 15 bits whatever the input scale (k = 14 would leave ~1 bit for an 8-bit input). The
+    reference's scale se is negative; the output is negated here so its scale is positive.
+    Output: |out| < 2**23 for inputs up to 8 bits.
+    """
+
+    def kernel(self, q, s_x):
+        q, s = prescale(q, s_x, GELU_S_MIN)
+        se = s / math.sqrt(2.0)
+        bq = as_kind(torch.floor(ERF_B / se), q)
+        cq = as_kind(torch.floor(1.0 / (ERF_A * se**2)), q)
+        qa = torch.minimum(q.abs(), -bq)
+        y = torch.sign(q) * ((qa + bq) ** 2 + cq)
+        k = torch.clamp(bitlen(-cq) - 15, min=0)
+        y = shr(y, k)
+        s_erf = ERF_A * se**2 * torch.exp2(k.to(torch.float64))  # negative
+        one = as_kind(torch.floor(1.0 / s_erf), q)
+        out = check_range(-(q * (y + one)), "gelu output")
+        return out, -s * s_erf / 2
+
+    def float_op(self, x):
+        return F.gelu(x)
+
+
+@register_method("layernorm", "ibert")
+class IBertLayerNorm(AffineLayerNorm):
+    """Integer LayerNorm: integer mean, variance of the input shifted right by a calibrated
+    ``var_shift`` (buffer) so the sum of squares stays in unsigned 32 bits, integer Newton square root
+    (I-BERT Alg. 4, to convergence; the fairseq code takes a float sqrt), ``floor(2**31 / std)``.
+
+    ``var_shift`` grows in ``train()`` mode until the largest observed sum is below 2**31 (one bit
+    of headroom); in ``eval()`` a larger sum saturates at 2**32 - 1. The output keeps
+    :func:`._intops.ln_headroom` bits free (see :func:`._intops.ln_normalize`) and the affine is
+    folded into a bias at the per-channel scale ``s_n * gamma`` (:func:`._intops.ln_affine_bias`).
+    ``bits`` does not change the kernel: its 16-bit input and 23-bit output are requantized by the
+    model's quantizers.
+    """
+
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
+        super().__init__(bits, float_module)
+        self.register_buffer("var_shift", torch.zeros((), dtype=torch.int64))
+
+    def observe(self, x, s_x):
+        q = torch.floor(x.double() / s_x.double() + 0.5)
+        y = ln_center(q)
+        var_max = (y * y).sum(dim=-1).max()
+        need = torch.clamp(torch.ceil((bitlen(var_max) - 31) / 2), min=0).to(torch.int64)
+        self.var_shift.copy_(torch.maximum(self.var_shift, need))
+
+    def kernel(self, q, s_x):
+        y = ln_center(q)
+        shift = as_kind(self.var_shift, q)
+        ys = shr(y, shift)
+        var = torch.clamp((ys * ys).sum(dim=-1, keepdim=True), max=2**32 - 1)
+        check_range(var, "layernorm variance", bits=32, signed=False)
+        std = shl(isqrt(var), shift)
+        yn, s_n = ln_normalize(y, std)
+        return ln_affine_bias(yn, s_n, self.weight, self.bias)

@@ -1,0 +1,150 @@
+"""Quantized Linear, Conv2d and MatMul (HAWQ-V3 / I-ViT style, integer accumulators).
+
+Weights are quantized symmetrically per output channel (``weight_bits``), the bias to int32 at
+the accumulator scale ``s_w * s_in``. Each module takes its input on a per-tensor grid
+``(x, s_x)`` and returns the int32 accumulator dequantized, with its per-channel scale
+``s_x * s_w``: the next :class:`~mnq_search.quant.ActQuant` brings it back to the activation
+grid (on the integer path with a dyadic multiplier, see :mod:`._dyadic`).
+
+The fake-quant forward multiplies the *integers* (``x / s_x`` and ``w / s_w``) and scales the
+result, so on GPU it may run in TF32: 8-bit operands are exact in TF32 and the fp32 accumulation
+is exact below 2**24. (bf16 autocast is not safe here: it rounds the accumulator output.)
+
+``forward_int`` is the integer path: int64 tensors in, int64 accumulators out, range-checked to
+int32. On CUDA, where PyTorch has no int64 matmul, it multiplies in float64, which is exact for
+these sizes (every partial sum is an integer below 2**53).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..methods._intops import check_range
+from ._fake_quant import qrange, quantize_ste, round_ste, symmetric_scale, to_grid
+
+
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact integer matmul of int64 tensors (float64 on CUDA, exact below 2**53)."""
+    if a.is_cuda:
+        return torch.matmul(a.double(), b.double()).round().long()
+    return torch.matmul(a, b)
+
+
+class _WeightQuantMixin:
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    weight_bits: int
+
+    def weight_scale(self) -> torch.Tensor:
+        """Per-output-channel symmetric scale from the current weights (no gradient)."""
+        w = self.weight.detach()
+        absmax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+        return symmetric_scale(absmax, self.weight_bits)
+
+    def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer-valued float weights with STE, per-channel scale)."""
+        s_w = self.weight_scale()
+        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        qmin, qmax = qrange(self.weight_bits)
+        return quantize_ste(self.weight, s_w.view(shape), qmin, qmax), s_w
+
+    def bias_int(self, s_acc: torch.Tensor) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return torch.clamp(round_ste(self.bias / s_acc), -(2**31), 2**31 - 1)
+
+
+class QuantLinear(nn.Linear, _WeightQuantMixin):
+    """nn.Linear with per-channel ``weight_bits`` weights and an int32 bias.
+
+    forward(x, s_x) -> (y, s_y): with ``s_x=None`` (quantization off) it is the float Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 8,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight_bits = weight_bits
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, weight_bits: int) -> "QuantLinear":
+        q = cls(mod.in_features, mod.out_features, mod.bias is not None, weight_bits,
+                device=mod.weight.device, dtype=mod.weight.dtype)
+        q.load_state_dict(mod.state_dict())
+        return q
+
+    def forward(self, x: torch.Tensor, s_x: torch.Tensor | None = None):
+        if s_x is None:
+            return F.linear(x, self.weight, self.bias), None
+        w_int, s_w = self.quant_weight()
+        s_acc = s_x * s_w
+        acc = F.linear(to_grid(x, s_x), w_int).float()
+        b = self.bias_int(s_acc)
+        if b is not None:
+            acc = acc + b
+        return acc * s_acc, s_acc
+
+    @torch.no_grad()
+    def forward_int(self, q_x: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w_int, s_w = self.quant_weight()
+        s_acc = s_x * s_w
+        acc = int_matmul(q_x, w_int.long().t())
+        b = self.bias_int(s_acc)
+        if b is not None:
+            acc = acc + b.long()
+        return check_range(acc, "linear accumulator"), s_acc
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", weight_bits={self.weight_bits}"
+
+
+class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
+    """nn.Conv2d with per-output-channel ``weight_bits`` weights and an int32 bias (patch embedding)."""
+
+    def __init__(self, *args, weight_bits: int = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_bits = weight_bits
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, weight_bits: int) -> "QuantConv2d":
+        q = cls(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None, padding_mode=mod.padding_mode,
+                weight_bits=weight_bits, device=mod.weight.device, dtype=mod.weight.dtype)
+        q.load_state_dict(mod.state_dict())
+        return q
+
+    def forward(self, x: torch.Tensor, s_x: torch.Tensor | None = None):
+        if s_x is None:
+            return self._conv_forward(x, self.weight, self.bias), None
+        w_int, s_w = self.quant_weight()
+        s_acc = s_x * s_w
+        acc = self._conv_forward(to_grid(x, s_x), w_int, None).float()
+        b = self.bias_int(s_acc)
+        if b is not None:
+            acc = acc + b.view(1, -1, 1, 1)
+        return acc * s_acc.view(1, -1, 1, 1), s_acc
+
+    @torch.no_grad()
+    def forward_int(self, q_x: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # convolution as an exact float64 product of integers (no int64 conv kernel in PyTorch)
+        w_int, s_w = self.quant_weight()
+        s_acc = s_x * s_w
+        acc = self._conv_forward(q_x.double(), w_int.double(), None).round().long()
+        b = self.bias_int(s_acc)
+        if b is not None:
+            acc = acc + b.long().view(1, -1, 1, 1)
+        return check_range(acc, "conv accumulator"), s_acc
+
+
+class QuantMatMul(nn.Module):
+    """Product of two quantized activations (q @ k^T, attn @ v): integer product, scale s_a * s_b."""
+
+    def forward(self, a: torch.Tensor, s_a: torch.Tensor | None, b: torch.Tensor, s_b: torch.Tensor | None):
+        if s_a is None or s_b is None:
+            return a @ b, None
+        return (to_grid(a, s_a) @ to_grid(b, s_b)) * (s_a * s_b), s_a * s_b
+
+    @torch.no_grad()
+    def forward_int(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        return check_range(int_matmul(qa, qb), "matmul accumulator")
