@@ -132,7 +132,7 @@ def isqrt(n: torch.Tensor, iters: int = 6) -> torch.Tensor:
     x = torch.where(n > 0, x, torch.ones_like(n))
     for _ in range(iters):
         y = shr(x + floor_div(n, x), 1)
-        x = torch.where(y < x, y, x)
+        x = torch.where((y < x) & (y > 0), y, x)  # y = 0 only for n = 0, which is masked below
     return torch.where(n > 0, x, torch.zeros_like(n))
 
 
@@ -158,18 +158,25 @@ IEXP_A = 0.35815147
 IEXP_B = 0.96963238 / IEXP_A
 IEXP_C = 1.0 / IEXP_A
 LN2 = math.log(2.0)
-IEXP_S_MIN = 2.0**-9  # below this input scale the input is shifted right first (see i_exp)
+IEXP_S_RANGE = (2.0**-9, 0.5)  # input scales outside are shifted into it first (see prescale)
+SHIFT_EXP_S_RANGE = (2.0**-14, 1.0)
 
 
-def prescale(q: torch.Tensor, scale: torch.Tensor, s_min: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raise a tiny input scale to at least ``s_min`` by a rounding right shift of the integers.
+def prescale(q: torch.Tensor, scale: torch.Tensor, s_min: float, s_max: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring the input scale into [s_min, s_max] by shifting the integers (exact for a left shift).
 
-    Used where a constant like 1/S**2 would otherwise leave 32 bits; the shift is a function of
-    the scale only (a constant of the deployed kernel), so both paths take it.
+    A scale below ``s_min`` makes constants like 1/S**2 leave 32 bits: the integers are shifted
+    right (rounding). A scale above ``s_max`` makes the kernel's constants degenerate (e.g. I-BERT's
+    c/S**2 floors to 0 for S >= 2, so every exponential is 0): the integers are shifted left, which
+    represents the same values on a finer grid. Between the two the kernel runs at the input scale,
+    as the references do. The shifts depend on the scale only, so they are constants of the kernel.
     """
     scale = scale.to(torch.float64)
-    pre = torch.clamp(torch.ceil(torch.log2(s_min / scale)), min=0)
-    return round_shr(q, as_kind(pre, q)), scale * torch.exp2(pre)
+    down = torch.clamp(torch.ceil(torch.log2(s_min / scale)), min=0)
+    up = torch.clamp(torch.ceil(torch.log2(scale / s_max)), min=0)
+    q = shl(round_shr(q, as_kind(down, q)), as_kind(up, q))
+    return q, scale * torch.exp2(down - up)
 
 
 def i_exp(q: torch.Tensor, scale: torch.Tensor, n_max: int = 15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,7 +193,7 @@ def i_exp(q: torch.Tensor, scale: torch.Tensor, n_max: int = 15) -> tuple[torch.
     Returns (exp_int, exp_scale, exp_bound): exp_int in [0, exp_bound], exp_bound = c/S**2 * 2**n
     < 2**30 (the value at x = 0), exp_scale = a S**2 / 2**n.
     """
-    q, s = prescale(q, scale, IEXP_S_MIN)
+    q, s = prescale(q, scale, *IEXP_S_RANGE)
     x0 = as_kind(torch.floor(-LN2 / s), q)
     bq = as_kind(torch.floor(IEXP_B / s), q)
     cq = as_kind(torch.floor(IEXP_C / s**2), q)
@@ -222,11 +229,12 @@ def shift_exp(q: torch.Tensor, scale: torch.Tensor, n_max: int, headroom_bits: i
     The reference multiplies r by 1/2 without flooring (the TVM deployment shifts): both paths here
     shift. n = min(n_max, 30 - headroom_bits - bitlen(-x0)) so that the largest exponential, times
     2**headroom_bits (e.g. the row length a caller sums over), stays below 2**31 (the reference
-    overflows for small S).
+    overflows for small S). Scales outside [2**-14, 1] are shifted into it first (:func:`prescale`;
+    above 1, x0 = floor(-1/S) = -1 would misplace every power of two).
 
     Returns (exp_int, exp_scale) with exp_scale = S / 2**n.
     """
-    scale = scale.to(torch.float64)
+    q, scale = prescale(q, scale, *SHIFT_EXP_S_RANGE)
     q = q + shr(q, 1) - shr(q, 4)
     x0 = as_kind(torch.floor(-1.0 / scale), q)
     n = torch.clamp(30 - headroom_bits - bitlen(-x0), max=n_max, min=0)
@@ -265,8 +273,9 @@ def ln_normalize(y: torch.Tensor, std: torch.Tensor, numerator_minus_one: bool =
     """
     channels = y.shape[-1]
     k = ln_headroom(channels)
+    # f is positive: an unsigned 32-bit register (I-BERT's 2**31 / 1 does not fit a signed one)
     f = check_range(floor_div(2**31 - (1 if numerator_minus_one else 0), torch.clamp(std, min=1)),
-                    "layernorm factor")
+                    "layernorm factor", bits=32, signed=False)
     yn = mul_shr(y, f, 1 + k, "layernorm normalized")
     s_n = torch.tensor(math.sqrt(channels) / 2 ** (30 - k), dtype=torch.float64, device=y.device)
     return yn, s_n

@@ -45,7 +45,7 @@ class IBertSoftmax(NonLinearMethod):
 
 ERF_A = -0.2888
 ERF_B = -1.769
-GELU_S_MIN = 2.0**-10
+GELU_S_RANGE = (2.0**-10, 1.0)  # input scales outside are shifted into it first (see prescale)
 
 
 @register_method("gelu", "ibert")
@@ -63,7 +63,7 @@ class IBertGELU(NonLinearMethod):
     """
 
     def kernel(self, q, s_x):
-        q, s = prescale(q, s_x, GELU_S_MIN)
+        q, s = prescale(q, s_x, *GELU_S_RANGE)
         se = s / math.sqrt(2.0)
         bq = as_kind(torch.floor(ERF_B / se), q)
         cq = as_kind(torch.floor(1.0 / (ERF_A * se**2)), q)

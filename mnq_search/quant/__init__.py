@@ -18,8 +18,17 @@ from ._linear import QuantConv2d as QuantConv2d
 from ._linear import QuantLinear as QuantLinear
 from ._linear import QuantMatMul as QuantMatMul
 from ._observer import MinMaxObserver as MinMaxObserver
-from ..methods import NONLINEAR_METHODS as NONLINEAR_METHODS  # noqa: E402
-from ..methods import make_nonlinear as make_nonlinear  # noqa: E402
+
+
+def __getattr__(name: str):
+    # The methods package builds on this one (fake-quant, observers), so its public names are
+    # resolved on first use rather than at import, which keeps the two free of an import cycle.
+    if name in ("make_nonlinear", "NONLINEAR_METHODS"):
+        from .. import methods
+
+        return getattr(methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ActQuant", "BITS_RANGE", "MinMaxObserver", "NONLINEAR_METHODS", "QuantConv2d", "QuantLinear",
            "QuantMatMul", "check_bits", "dyadic", "dyadic_value", "make_nonlinear", "qrange", "quantize_ste",
