@@ -18,6 +18,8 @@ from ._linear import QuantConv2d as QuantConv2d
 from ._linear import QuantLinear as QuantLinear
 from ._linear import QuantMatMul as QuantMatMul
 from ._observer import MinMaxObserver as MinMaxObserver
+from ._wrappers import QConv2d as QConv2d
+from ._wrappers import QLinear as QLinear
 
 
 def __getattr__(name: str):
@@ -30,6 +32,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ActQuant", "BITS_RANGE", "MinMaxObserver", "NONLINEAR_METHODS", "QuantConv2d", "QuantLinear",
+__all__ = ["ActQuant", "BITS_RANGE", "MinMaxObserver", "NONLINEAR_METHODS", "QConv2d", "QLinear", "QuantConv2d",
+           "QuantLinear",
            "QuantMatMul", "check_bits", "dyadic", "dyadic_value", "make_nonlinear", "qrange", "quantize_ste",
            "requantize", "symmetric_scale"]

@@ -1,0 +1,176 @@
+"""Speed of every registered integer non-linear method, as ratios to the float op it replaces.
+
+For each op in ``mnq_search.methods.NONLINEAR_METHODS`` and each of its methods (bits=8), on the
+realistic inputs of ``mnq_search.testing.realistic_input`` at DeiT-Tiny 224x224 shapes (softmax
+(B, 3, 197, 197), gelu (B, 197, 768), layernorm (B, 197, 192) with a 16-bit input; B = --batch),
+after one call in train() mode to calibrate and then eval(), it times (median of --repeats after
+warm-up, each method interleaved call by call with its float reference):
+
+1. ``train fwd``: the training path ``module(x, s_x)`` vs the float op forward (inference_mode);
+2. ``train fwd+bwd``: the same with ``x.requires_grad`` and ``loss = (y * w).sum()`` backward, vs
+   the float op forward+backward (LayerNorm weight and bias receive gradients in both);
+3. ``int fwd``: the integer path ``module.forward_int(q, s_x)``, ``q = round(x / s_x)`` int64, vs
+   the float op forward (inference_mode); its range checks synchronize with the host, and that is
+   counted as part of its cost.
+
+The float op is ``module.float_op(x, *module.grad_params())`` (torch.softmax / F.gelu /
+F.layer_norm). The train() calibration (``observe`` hooks) is not timed. The ratios are measured
+within one run on one machine, so background load on shared cores mostly cancels; absolute times
+are for context only. Speed is a benchmark, never a unit test: nothing here asserts a speed.
+
+--threads defaults to 1: on cores busy with another job, every multi-threaded torch op waits a
+scheduler time slice (~8 ms here) for its second worker, which swamps the op itself and turns the
+ratios into counts of ops; one thread keeps them a measure of work. Pass --threads N to compare.
+
+Output: a Markdown table on stdout and in benchmarks/results/methods_<device>.md, with the same
+rows as JSON in methods_<device>.json.   Usage: python benchmarks/bench_methods.py [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .` (make bench installs it)
+
+from mnq_search.methods import NONLINEAR_METHODS  # noqa: E402
+from mnq_search.quant import make_nonlinear  # noqa: E402
+from mnq_search.testing import affine_layernorm, realistic_input  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def shapes(batch: int) -> dict[str, dict[str, int]]:
+    """DeiT-Tiny at 224x224: 197 tokens, 3 heads, width 192, MLP width 768."""
+    return {"softmax": dict(batch=batch, heads=3, tokens=197),
+            "gelu": dict(batch=batch, tokens=197, channels=768),
+            "layernorm": dict(batch=batch, tokens=197, channels=192)}
+
+
+def interleaved_medians(fns, repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Median seconds per call of each function, calling them in turn so that load drifts hit all."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + repeats):
+        for fn, ts in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def bench_method(op: str, method: str, x: torch.Tensor, s_x: torch.Tensor, args) -> dict:
+    ln = affine_layernorm(x.shape[-1]) if op == "layernorm" else None
+    mod = make_nonlinear(op, method, bits=8, float_module=ln).to(x.device)
+    mod.train()
+    with torch.no_grad():
+        mod(x, s_x)  # calibration (observe hooks), not timed
+    mod.eval()
+    params = mod.grad_params()
+    q = (x / s_x).round().long()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+    xg = x.detach().clone().requires_grad_(True)
+    leaves = (xg, *params)
+
+    def no_grad(fn):
+        def call():
+            with torch.inference_mode():
+                fn()
+        return call
+
+    def backward(fn):
+        def call():
+            for t in leaves:
+                t.grad = None
+            (fn(xg) * w).sum().backward()
+        return call
+
+    float_fwd, train_fwd, int_fwd = interleaved_medians(
+        [no_grad(lambda: mod.float_op(x, *params)), no_grad(lambda: mod(x, s_x)),
+         no_grad(lambda: mod.forward_int(q, s_x))], args.repeats, args.warmup, x.device)
+    float_bwd, train_bwd = interleaved_medians(
+        [backward(lambda t: mod.float_op(t, *params)), backward(lambda t: mod(t, s_x)[0])],
+        args.repeats, args.warmup, x.device)
+    return {"op": op, "method": method, "shape": list(x.shape),
+            "float_fwd_ms": 1e3 * float_fwd, "float_fwd_bwd_ms": 1e3 * float_bwd,
+            "train_fwd_ratio": train_fwd / float_fwd, "train_fwd_bwd_ratio": train_bwd / float_bwd,
+            "int_fwd_ratio": int_fwd / float_fwd}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    n = torch.get_num_threads()
+    return f"{cpu}, {n} thread{'' if n == 1 else 's'}"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"# Integer non-linear methods: speed relative to the float op ({meta['device']})", "",
+             f"- date: {meta['date']}", f"- device: {meta['device_name']}", f"- torch: {meta['torch']}",
+             f"- command: `{meta['command']}`", f"- repeats: {meta['repeats']} (median, after "
+             f"{meta['warmup']} warm-up), bits=8, DeiT-Tiny 224x224 shapes, batch {meta['batch']}",
+             "- ratios are measured within this run, interleaved with the float op, so load from other "
+             "jobs on the machine mostly cancels; absolute times are for context only", "",
+             "| op | method | shape | float fwd (ms) | float fwd+bwd (ms) | train fwd / float "
+             "| train fwd+bwd / float | int fwd / float |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['method']} | {'x'.join(map(str, r['shape']))} "
+                     f"| {r['float_fwd_ms']:.2f} | {r['float_fwd_bwd_ms']:.2f} | {r['train_fwd_ratio']:.1f}x "
+                     f"| {r['train_fwd_bwd_ratio']:.1f}x | {r['int_fwd_ratio']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=8, help="batch size (DeiT-Tiny inference: 8)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the module docstring)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    for op, methods in NONLINEAR_METHODS.items():
+        x, s_x = realistic_input(op, 8, **shapes(args.batch)[op])
+        x, s_x = x.to(device), s_x.to(device)
+        for method in methods:
+            rows.append(bench_method(op, method, x, s_x, args))
+            print(f"  done: {op} {method}", file=sys.stderr, flush=True)
+
+    meta = {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": device_name(device),
+            "torch": torch.__version__, "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+            "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup}
+    table = markdown(meta, rows)
+    print(table, end="")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_atomic(RESULTS / f"methods_{device.type}.md", table)
+    write_atomic(RESULTS / f"methods_{device.type}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Quantized self-attention for timm ViT/DeiT (``Attention``) and Swin (``WindowAttention``).
+
+timm computes attention with a fused kernel or an inline ``softmax``; here the softmax is an
+explicit :class:`~mnq_search.slot.NonLinearSlot` named ``<path>.softmax`` and both matmuls are
+integer products:
+
+    qkv (QLinear) -> 8-bit (bits) per-tensor quantizer -> q k^T (scale s_q s_k, the 1/sqrt(d)
+    attention scale folded into the scale) [+ Swin's relative position bias] -> softmax slot
+    (its own ``bits`` input quantizer; Swin's shift mask enters as an integer after quantization)
+    -> attn v on the softmax's output grid -> proj (QLinear).
+
+With quantization off, both classes compute exactly what timm's non-fused path computes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+from .quant import ActQuant, QLinear, QuantMatMul
+from .slot import NonLinearSlot
+
+
+def _unsupported(what: str, path: str) -> UsageError:
+    return UsageError(f"{path}: {what} is not supported by mnq-search's integer attention")
+
+
+class QuantAttention(nn.Module):
+    """timm ``vision_transformer.Attention`` with an integer softmax slot and integer matmuls."""
+
+    def __init__(self, attn: nn.Module, bits: int, path: str):
+        super().__init__()
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+            raise _unsupported("qk_norm", path)
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise _unsupported("scale_norm", path)
+        if getattr(attn, "gate", None) is not None:
+            raise _unsupported("gated attention", path)
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = attn.scale
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.qkv = QLinear(attn.qkv, bits)
+        self.q_qkv = ActQuant(bits)
+        self.matmul_qk = QuantMatMul()
+        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", bits)
+        self.attn_drop = attn.attn_drop
+        self.matmul_av = QuantMatMul()
+        self.proj = QLinear(attn.proj, bits)
+        self.proj_drop = attn.proj_drop
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise UsageError("attention masks are not supported for ViT/DeiT conversion")
+        B, N, _ = x.shape
+        qkv, s = self.q_qkv(self.qkv(x))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        logits, _ = self.matmul_qk(q, s, k.transpose(-2, -1), s)
+        p = self.attn_drop(self.softmax(logits * self.scale))
+        out, _ = self.matmul_av(p, self.softmax.out_scale if not self.training or self.attn_drop.p == 0 else None, v, s)
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj_drop(self.proj(out))
+
+
+class QuantWindowAttention(nn.Module):
+    """timm ``swin_transformer.WindowAttention`` with an integer softmax slot and integer matmuls.
+
+    The relative position bias is added to the logits before the softmax slot quantizes them
+    (I-ViT adds it on the logits grid); the shift mask (0 / -inf, or -100 in older timm) becomes a
+    boolean that the slot applies as an integer after quantization (spec trap 5).
+    """
+
+    def __init__(self, attn: nn.Module, bits: int, path: str):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.window_area = attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.qkv = QLinear(attn.qkv, bits)
+        self.q_qkv = ActQuant(bits)
+        self.matmul_qk = QuantMatMul()
+        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", bits)
+        self.attn_drop = attn.attn_drop
+        self.matmul_av = QuantMatMul()
+        self.proj = QLinear(attn.proj, bits)
+        self.proj_drop = attn.proj_drop
+
+    def _get_rel_pos_bias(self) -> torch.Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        qkv, s = self.q_qkv(self.qkv(x))
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        logits, _ = self.matmul_qk(q, s, k.transpose(-2, -1), s)
+        logits = logits * self.scale + self._get_rel_pos_bias()
+        masked = None
+        if mask is not None:
+            num_win = mask.shape[0]
+            logits = logits.view(-1, num_win, self.num_heads, N, N)
+            masked = (mask < -1.0).view(1, num_win, 1, N, N).expand_as(logits).reshape(-1, self.num_heads, N, N)
+            logits = logits.reshape(-1, self.num_heads, N, N)
+        p = self.attn_drop(self.softmax(logits, masked))
+        out, _ = self.matmul_av(p, self.softmax.out_scale if not self.training or self.attn_drop.p == 0 else None, v, s)
+        out = out.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,163 @@
+"""Convert a float timm ViT / DeiT / Swin into a quantized model with named non-linear slots.
+
+The conversion replaces modules and keeps timm's forward code:
+
+- ``Attention`` (ViT/DeiT) and ``WindowAttention`` (Swin) -> :mod:`mnq_search.attention`
+  (explicit softmax slot ``<path>.softmax``, integer q k^T and attn v);
+- every ``nn.LayerNorm`` -> a ``layernorm`` slot at its path (16-bit input: the residual stream);
+- every GELU module -> a ``gelu`` slot at its path (``bits`` input);
+- every ``nn.Linear`` / ``nn.Conv2d`` -> an input-quantized integer layer (``bits`` weights and
+  activations, int32 accumulators).
+
+What stays float between quantizers (cls token, position embedding, pooling, the residual sums)
+is quantized by the next consumer: every LayerNorm input at 16 bits (I-ViT's 16-bit residual
+stream), every Linear input at ``bits``. I-ViT also requantizes the stream after each residual add;
+here the stream is summed from dequantized branches and rounded to 16 bits where it is read,
+which differs from it by at most one 16-bit rounding.
+
+Example:
+    >>> import timm
+    >>> from mnq_search.convert import convert_model
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    >>> q = convert_model(vit, bits=8)
+    >>> sorted(q.slot_ops())[:3]
+    ['blocks.0.attn.softmax', 'blocks.0.mlp.act', 'blocks.0.norm1']
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.vision_transformer import Attention, VisionTransformer
+from torch import nn
+
+from .attention import QuantAttention, QuantWindowAttention
+from .errors import UsageError
+from .quant import ActQuant, QConv2d, QLinear, QuantConv2d, QuantLinear, check_bits
+from .slot import FLOAT, NonLinearSlot
+
+SUPPORTED = (VisionTransformer, SwinTransformer)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def _is_gelu(mod: nn.Module) -> bool:
+    return type(mod).__name__ in ("GELU", "GELUTanh", "QuickGELU") or isinstance(mod, nn.GELU)
+
+
+class QuantModel(nn.Module):
+    """A converted model: ``forward`` is the timm model's; slots are found by name.
+
+    Args:
+        model: the converted timm model (see :func:`convert_model`).
+        bits: its bit-width.
+    """
+
+    def __init__(self, model: nn.Module, bits: int):
+        super().__init__()
+        self.model = model
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # --- slots and assignment ------------------------------------------------------------
+    @property
+    def slots(self) -> dict[str, NonLinearSlot]:
+        return {m.name: m for m in self.model.modules() if isinstance(m, NonLinearSlot)}
+
+    def slot_ops(self) -> dict[str, str]:
+        """Slot name -> op, in forward order."""
+        return {name: slot.op for name, slot in self.slots.items()}
+
+    def count_slots(self) -> dict[str, int]:
+        c = Counter(self.slot_ops().values())
+        return {op: c.get(op, 0) for op in ("softmax", "gelu", "layernorm")}
+
+    def get_assignment(self) -> dict[str, str]:
+        return {name: slot.method for name, slot in self.slots.items()}
+
+    def set_assignment(self, assignment: Mapping[str, str]) -> None:
+        """Set the method of every slot named in ``assignment`` (validated first: nothing changes
+        when a name or a method is wrong)."""
+        from .plan import validate_assignment
+
+        validate_assignment(assignment, self.slot_ops())
+        slots = self.slots
+        for name, method in assignment.items():
+            slots[name].set_method(method)
+
+    # --- switches -------------------------------------------------------------------------
+    def quantizers(self) -> list[ActQuant]:
+        return [m for m in self.model.modules() if isinstance(m, ActQuant)]
+
+    def set_quant(self, enabled: bool) -> "QuantModel":
+        """Quantization on (default) or off; off, the model computes the float timm model."""
+        for q in self.quantizers():
+            q.set_enabled(enabled)
+        return self
+
+    def reset_ranges(self) -> None:
+        """Forget calibrated activation ranges (before a new calibration)."""
+        for q in self.quantizers():
+            q.observer.reset()
+
+
+def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str] | None = None,
+                  inplace: bool = False) -> QuantModel:
+    """Quantize a timm ``VisionTransformer`` (ViT, DeiT) or ``SwinTransformer``.
+
+    Args:
+        model: the float model (weights already loaded).
+        bits: weight and activation bit-width (4..8).
+        assignment: slot -> method; slots not named stay ``"float"``.
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns:
+        A :class:`QuantModel`, uncalibrated (see :mod:`mnq_search.calibrate`).
+    """
+    try:
+        check_bits(bits)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not isinstance(model, SUPPORTED):
+        raise UsageError(f"cannot convert {type(model).__name__}: mnq-search converts timm VisionTransformer "
+                         "(ViT, DeiT) and SwinTransformer models")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, Attention):
+            _set_submodule(model, path, QuantAttention(mod, bits, path))
+        elif isinstance(mod, WindowAttention):
+            _set_submodule(model, path, QuantWindowAttention(mod, bits, path))
+    for path, mod in list(model.named_modules()):
+        if isinstance(mod, (NonLinearSlot, QLinear, QConv2d, QuantLinear, QuantConv2d)) or ".float_module" in path:
+            continue
+        if isinstance(mod, nn.LayerNorm):
+            _set_submodule(model, path, NonLinearSlot(path, "layernorm", bits, mod))
+        elif _is_gelu(mod):
+            _set_submodule(model, path, NonLinearSlot(path, "gelu", bits, mod))
+        elif isinstance(mod, nn.Linear):
+            _set_submodule(model, path, QLinear(mod, bits))
+        elif isinstance(mod, nn.Conv2d):
+            _set_submodule(model, path, QConv2d(mod, bits))
+        elif isinstance(mod, (nn.Softmax, nn.BatchNorm2d, nn.GroupNorm)):
+            raise UsageError(f"{path}: {type(mod).__name__} outside attention is not supported")
+    qmodel = QuantModel(model, bits)
+    if assignment:
+        qmodel.set_assignment(assignment)
+    return qmodel
+
+
+def uniform_assignment(slot_ops: Mapping[str, str], method: str | Mapping[str, str]) -> dict[str, str]:
+    """Every slot gets ``method``, or ``method[op]`` when a per-op mapping is given."""
+    if isinstance(method, str):
+        return {name: method for name in slot_ops}
+    return {name: method.get(op, FLOAT) for name, op in slot_ops.items()}

@@ -1,0 +1,106 @@
+"""A *slot*: one named non-linear layer of a converted model, whose integer method can be set.
+
+The slot owns the quantizer of its input (``bits`` for Softmax and GELU, 16 bits for LayerNorm:
+every LayerNorm input is the residual stream) and the method that computes the op on that
+grid, or the exact float op when its method is ``"float"``. For LayerNorm the slot keeps the
+float ``nn.LayerNorm`` and every method shares its weight and bias, so switching methods keeps
+what QAT learned.
+
+A slot is a drop-in module: ``slot(x)`` returns a float tensor (on the method's output grid,
+whose scale is left in ``slot.out_scale`` for the attention matmul that follows a Softmax).
+With quantization off (``set_quant(False)`` on the model) it is the float op.
+
+A recorder (see :mod:`mnq_search.sensitivity`) may be attached: it receives the slot's name, the
+input the op saw (dequantized) and its output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import unknown_choice
+from .methods import NONLINEAR_METHODS, make_nonlinear
+from .quant import ActQuant
+
+FLOAT = "float"
+MASK_SENTINEL = -(2**15)  # integer a masked attention logit takes (Swin): far below any 8-bit logit
+
+Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def methods_for(op: str, include_float: bool = False) -> tuple[str, ...]:
+    return NONLINEAR_METHODS[op] + ((FLOAT,) if include_float else ())
+
+
+class NonLinearSlot(nn.Module):
+    """Args:
+        name: the slot's module path, e.g. ``blocks.3.attn.softmax``.
+        op: ``softmax``, ``gelu`` or ``layernorm``.
+        bits: the model's bit-width.
+        float_module: the float module the slot replaces (``nn.LayerNorm``, ``nn.GELU``) or None.
+        method: initial method (``"float"`` by default).
+    """
+
+    def __init__(self, name: str, op: str, bits: int, float_module: nn.Module | None = None, method: str = FLOAT):
+        super().__init__()
+        self.name = name
+        self.op = op
+        self.bits = bits
+        self.float_module = float_module
+        self.method = FLOAT
+        self.impl: nn.Module | None = None
+        self.q_in = ActQuant(16 if op == "layernorm" else bits)
+        self.out_scale: torch.Tensor | None = None
+        self.recorder: Recorder | None = None
+        self.set_method(method)
+
+    def set_method(self, method: str) -> None:
+        """Switch the integer method (a fresh, uncalibrated instance; LayerNorm parameters are kept)."""
+        if method not in methods_for(self.op, include_float=True):
+            raise unknown_choice(f"method for {self.op} slot {self.name}", method,
+                                 methods_for(self.op, include_float=True))
+        if method == self.method and (self.impl is not None or method == FLOAT):
+            return
+        self.method = method
+        if method == FLOAT:
+            self.impl = None
+            return
+        impl = make_nonlinear(self.op, method, self.bits, self.float_module)
+        if self.op == "layernorm" and self.float_module is not None:
+            impl.weight = self.float_module.weight  # share, so QAT trains one set of parameters
+            impl.bias = self.float_module.bias
+        self.impl = impl.to(self.q_in.observer.min_val.device)
+        if self.q_in.bits != impl.in_bits:
+            self.q_in = ActQuant(impl.in_bits).to(self.q_in.observer.min_val.device)
+
+    def float_op(self, x: torch.Tensor) -> torch.Tensor:
+        if self.op == "softmax":
+            return x.softmax(dim=-1)
+        if self.float_module is not None:
+            return self.float_module(x)
+        return F.gelu(x)
+
+    def forward(self, x: torch.Tensor, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """``masked`` (Softmax only): boolean tensor broadcastable to x, True where the logit is masked
+        out (Swin's shifted windows). Float mode adds -inf there; quantized mode sets the integer
+        to :data:`MASK_SENTINEL` after quantization, so the mask never enters the range statistics."""
+        x_in, s = self.q_in(x)
+        if s is None:  # quantization off: the float op (what timm computes)
+            y = self.float_op(x if masked is None else x.masked_fill(masked, float("-inf")))
+            self.out_scale = None
+        else:
+            xm = x_in if masked is None else torch.where(masked, MASK_SENTINEL * s, x_in)
+            if self.impl is None:
+                y, self.out_scale = self.float_op(xm), None
+            else:
+                y, self.out_scale = self.impl(xm, s)
+        if self.recorder is not None:
+            self.recorder(self.name, x_in.detach(), y.detach())
+        return y
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, op={self.op}, method={self.method}, bits={self.bits}"
