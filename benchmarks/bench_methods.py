@@ -87,7 +87,7 @@ def bench_method(op: str, method: str, x: torch.Tensor, s_x: torch.Tensor, args)
     xg = x.detach().clone().requires_grad_(True)
     leaves = (xg, *params)
 
-    def no_grad(fn):
+    def inference(fn):
         def call():
             with torch.inference_mode():
                 fn()
@@ -101,8 +101,8 @@ def bench_method(op: str, method: str, x: torch.Tensor, s_x: torch.Tensor, args)
         return call
 
     float_fwd, train_fwd, int_fwd = interleaved_medians(
-        [no_grad(lambda: mod.float_op(x, *params)), no_grad(lambda: mod(x, s_x)),
-         no_grad(lambda: mod.forward_int(q, s_x))], args.repeats, args.warmup, x.device)
+        [inference(lambda: mod.float_op(x, *params)), inference(lambda: mod(x, s_x)),
+         inference(lambda: mod.forward_int(q, s_x))], args.repeats, args.warmup, x.device)
     float_bwd, train_bwd = interleaved_medians(
         [backward(lambda t: mod.float_op(t, *params)), backward(lambda t: mod(t, s_x)[0])],
         args.repeats, args.warmup, x.device)
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
 
     meta = {"date": datetime.date.today().isoformat(), "device": device.type, "device_name": device_name(device),
             "torch": torch.__version__, "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
-            "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup}
+            "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
+            "threads": torch.get_num_threads()}
     table = markdown(meta, rows)
     print(table, end="")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -156,3 +156,102 @@ def iterate_batches(split: TensorSplit, batch_size: int, pad_to: int | None = No
     for start in range(0, len(split), batch_size):
         imgs = split.images[start:start + batch_size].to(device)
         yield normalize_fmnist(imgs, pad_to), split.labels[start:start + batch_size].to(device)
+
+
+# --- data sources for the pipeline --------------------------------------------------------------
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+class DataSource:
+    """Calibration images (from the training split), evaluation images (held-out split) and
+    training batches, all seeded. Subclasses: :class:`FmnistSource`, :class:`ImageFolderSource`."""
+
+    spec: str = ""
+
+    def calib_batches(self, n: int, batch_size: int, seed: int) -> Batches:
+        raise NotImplementedError
+
+    def eval_batches(self, n: int | None, batch_size: int, seed: int) -> Batches:
+        raise NotImplementedError
+
+    def eval_size(self, n: int | None) -> int:
+        raise NotImplementedError
+
+
+class FmnistSource(DataSource):
+    def __init__(self, path: str | None = None, pad_to: int | None = None, download: bool = False):
+        self.spec = f"fmnist:{path}" if path else "fmnist"
+        self.train = load_fmnist("train", path, download)
+        self.test = load_fmnist("test", path, download)
+        self.pad_to = pad_to
+
+    def calib_batches(self, n, batch_size, seed):
+        return iterate_batches(self.train.subset(seeded_subset(len(self.train), n, seed)), batch_size, self.pad_to)
+
+    def eval_batches(self, n, batch_size, seed):
+        return iterate_batches(self.test.subset(seeded_subset(len(self.test), n, seed)), batch_size, self.pad_to)
+
+    def eval_size(self, n):
+        return len(self.test) if n is None else min(n, len(self.test))
+
+
+class ImageFolderSource(DataSource):
+    """``PATH/train`` and ``PATH/val`` (or class folders directly in PATH, used for both), read with
+    torchvision's ImageFolder and the model's own timm eval transform (mean/std, resize, crop)."""
+
+    def __init__(self, path: str, model: torch.nn.Module, workers: int | None = None):
+        from torchvision.datasets import ImageFolder
+        from timm.data import create_transform, resolve_data_config
+
+        root = Path(path)
+        if not root.is_dir():
+            raise UsageError(f"image folder not found: {root}")
+        cfg = resolve_data_config({}, model=model)
+        tf = create_transform(**cfg)
+        train_dir = root / "train" if (root / "train").is_dir() else root
+        val_dir = root / "val" if (root / "val").is_dir() else root
+        try:
+            self.train = ImageFolder(str(train_dir), transform=tf)
+            self.val = self.train if val_dir == train_dir else ImageFolder(str(val_dir), transform=tf)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise UsageError(f"image folder {root} has no images: {str(exc).splitlines()[0]}") from None
+        if len(self.train) == 0 or len(self.val) == 0:
+            raise UsageError(f"image folder {root} has no images")
+        self.spec = f"imagefolder:{path}"
+        self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
+
+    def _batches(self, ds, n, batch_size, seed):
+        from torch.utils.data import DataLoader, Subset
+
+        sub = Subset(ds, seeded_subset(len(ds), n, seed).tolist())
+        return iter(DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=self.workers))
+
+    def calib_batches(self, n, batch_size, seed):
+        return self._batches(self.train, n, batch_size, seed)
+
+    def eval_batches(self, n, batch_size, seed):
+        return self._batches(self.val, n, batch_size, seed)
+
+    def eval_size(self, n):
+        return len(self.val) if n is None else min(n, len(self.val))
+
+
+def open_data(spec: str | None, model: torch.nn.Module, default: str | None = None, input_size: int = 28,
+              download: bool = False) -> DataSource:
+    """Open the data set named by ``spec`` (or the model's ``default``) for ``model``."""
+    spec = spec or default
+    if spec is None:
+        raise UsageError("this model has no default data set: pass --data imagefolder:PATH")
+    kind, _, path = spec.partition(":")
+    if kind == "fmnist":
+        in_chans = getattr(model, "patch_embed").proj.in_channels if hasattr(model, "patch_embed") else 1
+        if in_chans != 1:
+            raise UsageError(f"Fashion-MNIST has 1 channel but the model takes {in_chans}: "
+                             "use --data imagefolder:PATH")
+        return FmnistSource(path or None, pad_to=input_size if input_size != 28 else None, download=download)
+    if kind == "imagefolder":
+        if not path:
+            raise UsageError("--data imagefolder:PATH needs a path")
+        return ImageFolderSource(path, model)
+    raise UsageError(f"unknown data spec {spec!r}; use fmnist, fmnist:PATH or imagefolder:PATH")

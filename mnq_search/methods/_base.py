@@ -39,7 +39,8 @@ class _KernelSTE(torch.autograd.Function):
     def forward(ctx, module: "NonLinearMethod", x: torch.Tensor, s_x: torch.Tensor, *params: torch.Tensor):
         with torch.no_grad():
             q = torch.floor(x.detach().double() / s_x.double() + 0.5)
-            q_y, s_y = module.kernel(q, s_x.double())
+            q_y, s_y = module.kernel(q, float(s_x))
+            s_y = torch.as_tensor(s_y, dtype=torch.float64, device=x.device)
             y = (q_y * s_y).float()
         ctx.module = module
         ctx.save_for_backward(x, *params)
@@ -88,9 +89,10 @@ class NonLinearMethod(nn.Module):
         """Bit-width of the input grid this method expects (the slot's input quantizer)."""
         return self.bits
 
-    def kernel(self, q: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Integer kernel: integers ``q`` (int64 or float64-held) at scale ``s_x`` (float64, 0-dim)
-        -> integers ``q_y`` of the same kind and their scale ``s_y`` (float64, 0-dim or per channel)."""
+    def kernel(self, q: torch.Tensor, s_x: float) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Integer kernel: integers ``q`` (int64 or float64-held) at scale ``s_x`` -> integers ``q_y``
+        of the same kind and their scale ``s_y`` (a float, or a float64 tensor per channel). The
+        constants derived from ``s_x`` are Python numbers, computed once per call."""
         raise NotImplementedError
 
     def float_op(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
@@ -116,8 +118,8 @@ class NonLinearMethod(nn.Module):
     def forward_int(self, q: torch.Tensor, s_x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         if not is_int(q):
             raise TypeError(f"forward_int takes an integer tensor, got {q.dtype}")
-        s_x = torch.as_tensor(s_x, dtype=torch.float64, device=q.device)
-        q_y, s_y = self.kernel(q.long(), s_x)
+        q_y, s_y = self.kernel(q.long(), float(s_x))
+        s_y = torch.as_tensor(s_y, dtype=torch.float64, device=q.device)
         if not is_int(q_y):
             raise TypeError(f"{type(self).__name__}.kernel left the integers: output is {q_y.dtype}")
         return check_range(q_y, f"{self.family} {self.op} output"), s_y

@@ -139,8 +139,8 @@ def isqrt(n: torch.Tensor, iters: int = 6) -> torch.Tensor:
 def dyadic(ratio: torch.Tensor, mantissa_bits: int = 31) -> tuple[torch.Tensor, torch.Tensor]:
     """Decompose ``ratio`` (any shape, nonzero) into int64 ``(m, e)`` with ratio ~ m * 2**-e.
 
-    |m| lies in [2**(mantissa_bits-1), 2**mantissa_bits]; e may be negative only for ratios of
-    2**31 and more, which never occur between quantizer scales (it is clamped to >= 0).
+    |m| lies in [2**(mantissa_bits-1), 2**mantissa_bits] and 0 <= e <= 62: ratios of 2**31 and more
+    (which never occur between quantizer scales) saturate m, ratios below 2**-32 lose mantissa bits.
     """
     ratio = ratio.to(torch.float64)
     frac, exp = torch.frexp(ratio)
@@ -149,6 +149,10 @@ def dyadic(ratio: torch.Tensor, mantissa_bits: int = 31) -> tuple[torch.Tensor, 
     shift_back = torch.clamp(-e, min=0)  # ratio >= 2**31: fold the excess into m (saturating)
     m = torch.clamp(m * torch.exp2(shift_back), -(2.0**62), 2.0**62)
     e = torch.clamp(e, min=0)
+    # ratio < 2**-32: shifts past 62 are not representable on the integer path; fold them into m
+    extra = torch.clamp(e - 62, min=0)
+    m = torch.floor(m * torch.exp2(-extra) + 0.5)
+    e = e - extra
     return m.to(torch.int64), e.to(torch.int64)
 
 
@@ -162,65 +166,61 @@ IEXP_S_RANGE = (2.0**-9, 0.5)  # input scales outside are shifted into it first 
 SHIFT_EXP_S_RANGE = (2.0**-14, 1.0)
 
 
-def prescale(q: torch.Tensor, scale: torch.Tensor, s_min: float, s_max: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def prescale(q: torch.Tensor, scale: float, s_min: float, s_max: float) -> tuple[torch.Tensor, float]:
     """Bring the input scale into [s_min, s_max] by shifting the integers (exact for a left shift).
 
     A scale below ``s_min`` makes constants like 1/S**2 leave 32 bits: the integers are shifted
     right (rounding). A scale above ``s_max`` makes the kernel's constants degenerate (e.g. I-BERT's
     c/S**2 floors to 0 for S >= 2, so every exponential is 0): the integers are shifted left, which
     represents the same values on a finer grid. Between the two the kernel runs at the input scale,
-    as the references do. The shifts depend on the scale only, so they are constants of the kernel.
+    as the references do. The shifts depend on the scale only: they are constants of the kernel.
     """
-    scale = scale.to(torch.float64)
-    down = torch.clamp(torch.ceil(torch.log2(s_min / scale)), min=0)
-    up = torch.clamp(torch.ceil(torch.log2(scale / s_max)), min=0)
-    q = shl(round_shr(q, as_kind(down, q)), as_kind(up, q))
-    return q, scale * torch.exp2(down - up)
+    down = max(0, math.ceil(math.log2(s_min / scale)))
+    up = max(0, math.ceil(math.log2(scale / s_max)))
+    if down:
+        q = round_shr(q, down)
+    if up:
+        q = shl(q, up)
+    return q, scale * 2.0 ** (down - up)
 
 
-def i_exp(q: torch.Tensor, scale: torch.Tensor, n_max: int = 15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def i_exp(q: torch.Tensor, scale: float, n_max: int = 15) -> tuple[torch.Tensor, float, int]:
     """I-BERT integer exponential of q * scale for q <= 0.
 
-    exp(x) = 2**-z * exp(r) with x = -z ln2 + r, r in (-ln2, 0], exp(r) ~ a (r + b)**2 + c.
+    exp(x) = 2**-z * exp(r) with x = -z ln2 + r, r in (-ln2, 0], exp(r) ~ a (r + b)**2 + c; in
+    integers: ``x0 = floor(-ln2/S)``, ``z = floor(q/x0)``, ``r = q - x0 z``,
+    ``p = r (r + floor(b/S)) + floor(c/S**2)`` at scale a S**2, ``exp = p << (n - z)``.
 
     Deviations from the reference, all for int32 safety: the reference clamps at 30 ln2 (n = 30)
     and overflows int32; here n = min(n_max, 30 - bitlen(c/S**2)) (15 for typical softmax input
-    scales), so the largest exponential c/S**2 * 2**n stays below 2**30; an input scale below
-    2**-9 is first raised to it by a rounding right shift of q (the exponential is flat on such a
-    narrow range, so nothing is lost).
+    scales), so the largest exponential c/S**2 * 2**n stays below 2**30; scales outside
+    [2**-9, 0.5] are first shifted into it (:func:`prescale`).
 
     Returns (exp_int, exp_scale, exp_bound): exp_int in [0, exp_bound], exp_bound = c/S**2 * 2**n
     < 2**30 (the value at x = 0), exp_scale = a S**2 / 2**n.
     """
     q, s = prescale(q, scale, *IEXP_S_RANGE)
-    x0 = as_kind(torch.floor(-LN2 / s), q)
-    bq = as_kind(torch.floor(IEXP_B / s), q)
-    cq = as_kind(torch.floor(IEXP_C / s**2), q)
-    n = torch.clamp(30 - bitlen(cq), max=n_max, min=0)
-    q = torch.maximum(q, n * x0)
+    x0 = math.floor(-LN2 / s)
+    bq = math.floor(IEXP_B / s)
+    cq = math.floor(IEXP_C / s**2)
+    n = max(0, min(n_max, 30 - cq.bit_length()))
+    q = torch.clamp(q, min=n * x0)
     z = floor_div(q, x0)
     r = q - x0 * z
     p = check_range(r * (r + bq) + cq, "i-exp polynomial")
-    e = check_range(torch.clamp(shl(p, n - z), min=0), "i-exp")
-    exp_scale = IEXP_A * s**2 / torch.exp2(n.to(torch.float64))
-    return e, exp_scale, shl(cq, n)
+    e = check_range(shl(p, n - z), "i-exp")
+    return e, IEXP_A * s**2 / 2.0**n, cq << n
 
 
-def exp_to_uint16(e: torch.Tensor, exp_scale: torch.Tensor, bound: torch.Tensor, row_len: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def exp_to_uint16(e: torch.Tensor, exp_scale: float, bound: int, row_len: int) -> tuple[torch.Tensor, float]:
     """Bring exponentials in [0, bound] to unsigned 16 bits with a right shift (I-BERT's 16-bit
     requantization before the sum, done with a shift since the bound is known), plus one more bit
     per doubling of the row length past 2**15 so that the row sum stays in int32."""
-    extra = max(0, row_len.bit_length() - 15)
-    k = torch.clamp(bitlen(bound) - 16, min=0) + extra
-    return shr(e, k), exp_scale * torch.exp2(k.to(torch.float64))
+    k = max(0, bound.bit_length() - 16) + max(0, row_len.bit_length() - 15)
+    return shr(e, k), exp_scale * 2.0**k
 
 
-# --- I-ViT shift-exp --------------------------------------------------------------------------
-
-def shift_exp(q: torch.Tensor, scale: torch.Tensor, n_max: int, headroom_bits: int | torch.Tensor = 0
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def shift_exp(q: torch.Tensor, scale: float, n_max: int, headroom_bits: int = 0) -> tuple[torch.Tensor, float]:
     """I-ViT shift-based exponential of q * scale for q <= 0.
 
     q * log2(e) ~ q + q>>1 - q>>4; with x0 = floor(-1/S), z = floor(q / x0), r = q - x0 z:
@@ -234,16 +234,16 @@ def shift_exp(q: torch.Tensor, scale: torch.Tensor, n_max: int, headroom_bits: i
 
     Returns (exp_int, exp_scale) with exp_scale = S / 2**n.
     """
-    q, scale = prescale(q, scale, *SHIFT_EXP_S_RANGE)
+    q, s = prescale(q, scale, *SHIFT_EXP_S_RANGE)
     q = q + shr(q, 1) - shr(q, 4)
-    x0 = as_kind(torch.floor(-1.0 / scale), q)
-    n = torch.clamp(30 - headroom_bits - bitlen(-x0), max=n_max, min=0)
-    q = torch.maximum(q, n * x0)
+    x0 = math.floor(-1.0 / s)
+    n = max(0, min(n_max, 30 - headroom_bits - (-x0).bit_length()))
+    q = torch.clamp(q, min=n * x0)
     z = floor_div(q, x0)
     r = q - x0 * z
     e = shr(r, 1) - x0
-    out = check_range(torch.clamp(shl(e, n - z), min=0), "shift-exp")
-    return out, scale / torch.exp2(n.to(torch.float64))
+    out = check_range(shl(e, n - z), "shift-exp")
+    return out, s / 2.0**n
 
 
 # --- LayerNorm pieces shared by I-BERT and I-ViT ------------------------------------------------

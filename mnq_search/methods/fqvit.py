@@ -44,7 +44,7 @@ class FQViTSoftmax(NonLinearMethod):
         kmax = 2**LOG_BITS - 1
         out = torch.where((e16 > 0) & (k <= kmax), shl(torch.ones_like(k), torch.clamp(kmax - k, min=0)),
                           torch.zeros_like(k))
-        return out, torch.tensor(2.0**-kmax, dtype=torch.float64, device=q.device)
+        return out, 2.0**-kmax
 
     def float_op(self, x):
         return torch.softmax(x, dim=-1)
@@ -109,7 +109,7 @@ class FQViTLayerNorm(AffineLayerNorm):
         levels = 2**self.bits - 1
         s8, zp = self._ptf_params(q.device)
         s1 = s8 / 2 ** (PTF_LEVELS - 1)
-        m, e = dyadic(s_x / s1)
+        m, e = dyadic(s_x / s1)  # s1 is a tensor (from the buffers), so (m, e) are too
         alpha = as_kind(self.alpha, q)
         zp = as_kind(zp, q)
         u = round_shr(check_range(q * as_kind(m, q), "ptf product", bits=63), as_kind(e, q) + alpha)

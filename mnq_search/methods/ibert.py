@@ -37,7 +37,7 @@ class IBertSoftmax(NonLinearMethod):
         total = check_range(e16.sum(dim=-1, keepdim=True), "softmax sum")
         f = check_range(floor_div(2**32, total), "softmax factor")
         out = torch.clamp(mul_shr(e16, f, 32 - self.bits, "softmax output"), 0, 2**self.bits - 1)
-        return out, torch.tensor(2.0**-self.bits, dtype=torch.float64, device=q.device)
+        return out, 2.0**-self.bits
 
     def float_op(self, x):
         return torch.softmax(x, dim=-1)
@@ -65,14 +65,14 @@ class IBertGELU(NonLinearMethod):
     def kernel(self, q, s_x):
         q, s = prescale(q, s_x, *GELU_S_RANGE)
         se = s / math.sqrt(2.0)
-        bq = as_kind(torch.floor(ERF_B / se), q)
-        cq = as_kind(torch.floor(1.0 / (ERF_A * se**2)), q)
-        qa = torch.minimum(q.abs(), -bq)
+        bq = math.floor(ERF_B / se)
+        cq = math.floor(1.0 / (ERF_A * se**2))
+        qa = torch.clamp(q.abs(), max=-bq)
         y = torch.sign(q) * ((qa + bq) ** 2 + cq)
-        k = torch.clamp(bitlen(-cq) - 15, min=0)
+        k = max(0, (-cq).bit_length() - 15)
         y = shr(y, k)
-        s_erf = ERF_A * se**2 * torch.exp2(k.to(torch.float64))  # negative
-        one = as_kind(torch.floor(1.0 / s_erf), q)
+        s_erf = ERF_A * se**2 * 2.0**k  # negative
+        one = math.floor(1.0 / s_erf)
         out = check_range(-(q * (y + one)), "gelu output")
         return out, -s * s_erf / 2
 
@@ -99,7 +99,7 @@ class IBertLayerNorm(AffineLayerNorm):
         self.register_buffer("var_shift", torch.zeros((), dtype=torch.int64))
 
     def observe(self, x, s_x):
-        q = torch.floor(x.double() / s_x.double() + 0.5)
+        q = torch.floor(x.double() / float(s_x) + 0.5)
         y = ln_center(q)
         var_max = (y * y).sum(dim=-1).max()
         need = torch.clamp(torch.ceil((bitlen(var_max) - 31) / 2), min=0).to(torch.int64)
@@ -107,7 +107,7 @@ class IBertLayerNorm(AffineLayerNorm):
 
     def kernel(self, q, s_x):
         y = ln_center(q)
-        shift = as_kind(self.var_shift, q)
+        shift = int(self.var_shift)
         ys = shr(y, shift)
         var = torch.clamp((ys * ys).sum(dim=-1, keepdim=True), max=2**32 - 1)
         check_range(var, "layernorm variance", bits=32, signed=False)

@@ -34,7 +34,7 @@ class IViTSoftmax(NonLinearMethod):
         total = check_range(torch.clamp(e.sum(dim=-1, keepdim=True), max=INT32_MAX), "softmax sum")
         f = floor_div(INT32_MAX, total)
         out = mul_shr(e, f, 32 - self.bits, "softmax output")
-        return out, torch.tensor(2.0 ** -(self.bits - 1), dtype=torch.float64, device=q.device)
+        return out, 2.0 ** -(self.bits - 1)
 
     def float_op(self, x):
         return torch.softmax(x, dim=-1)

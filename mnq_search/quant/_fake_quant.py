@@ -100,6 +100,11 @@ class ActQuant(nn.Module):
         return symmetric_scale(self.observer.absmax(), self.bits)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, s = self.quantize(x)
+        return (q, None) if s is None else (q * s, s)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the integers of x on this quantizer's grid as a float tensor, scale); (x, None) when off."""
         if not self._enabled:
             return x, None
         x = x.float()
@@ -107,7 +112,7 @@ class ActQuant(nn.Module):
             self.observer.update(x)
         s = self.scale
         qmin, qmax = qrange(self.bits)
-        return quantize_ste(x, s, qmin, qmax) * s, s
+        return quantize_ste(x, s, qmin, qmax), s
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

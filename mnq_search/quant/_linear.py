@@ -44,16 +44,33 @@ class _WeightQuantMixin:
         return symmetric_scale(absmax, self.weight_bits)
 
     def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(integer-valued float weights with STE, per-channel scale)."""
+        """(integer-valued float weights with STE, per-channel scale).
+
+        Outside training and autograd the result is cached until the weights change (their
+        version counter moves), so evaluation does not quantize the weights at every batch."""
+        w = self.weight
+        cacheable = not self.training and not (torch.is_grad_enabled() and w.requires_grad)
+        key = (w._version, w.data_ptr(), w.device, w.dtype)
+        cache = getattr(self, "_wq_cache", None)
+        if cacheable and cache is not None and cache[0] == key:
+            return cache[1], cache[2]
         s_w = self.weight_scale()
-        shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        shape = (-1,) + (1,) * (w.dim() - 1)
         qmin, qmax = qrange(self.weight_bits)
-        return quantize_ste(self.weight, s_w.view(shape), qmin, qmax), s_w
+        w_int = quantize_ste(w, s_w.view(shape), qmin, qmax)
+        if cacheable:
+            with torch.inference_mode(False), torch.no_grad():
+                self._wq_cache = (key, w_int.detach().clone(), s_w.clone())
+        else:
+            self._wq_cache = None
+        return w_int, s_w
 
     def bias_int(self, s_acc: torch.Tensor) -> torch.Tensor | None:
+        """The int32 bias at the accumulator scale (rounded in float64, saturated to int32)."""
         if self.bias is None:
             return None
-        return torch.clamp(round_ste(self.bias / s_acc), -(2**31), 2**31 - 1)
+        b = round_ste(self.bias.double() / s_acc.double())
+        return torch.clamp(b, -(2**31), 2**31 - 1)
 
 
 class QuantLinear(nn.Linear, _WeightQuantMixin):
@@ -77,12 +94,16 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
     def forward(self, x: torch.Tensor, s_x: torch.Tensor | None = None):
         if s_x is None:
             return F.linear(x, self.weight, self.bias), None
+        return self.forward_q(to_grid(x, s_x), s_x)
+
+    def forward_q(self, q_x: torch.Tensor, s_x: torch.Tensor):
+        """Like forward, from the integers ``q_x`` (integer-valued float tensor) of the input."""
         w_int, s_w = self.quant_weight()
         s_acc = s_x * s_w
-        acc = F.linear(to_grid(x, s_x), w_int).float()
+        acc = F.linear(q_x, w_int).float()
         b = self.bias_int(s_acc)
         if b is not None:
-            acc = acc + b
+            acc = acc + b.float()
         return acc * s_acc, s_acc
 
     @torch.no_grad()
@@ -117,12 +138,16 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
     def forward(self, x: torch.Tensor, s_x: torch.Tensor | None = None):
         if s_x is None:
             return self._conv_forward(x, self.weight, self.bias), None
+        return self.forward_q(to_grid(x, s_x), s_x)
+
+    def forward_q(self, q_x: torch.Tensor, s_x: torch.Tensor):
+        """Like forward, from the integers ``q_x`` (integer-valued float tensor) of the input."""
         w_int, s_w = self.quant_weight()
         s_acc = s_x * s_w
-        acc = self._conv_forward(to_grid(x, s_x), w_int, None).float()
+        acc = self._conv_forward(q_x, w_int, None).float()
         b = self.bias_int(s_acc)
         if b is not None:
-            acc = acc + b.view(1, -1, 1, 1)
+            acc = acc + b.float().view(1, -1, 1, 1)
         return acc * s_acc.view(1, -1, 1, 1), s_acc
 
     @torch.no_grad()

@@ -21,8 +21,8 @@ class QLinear(nn.Module):
         self.linear = QuantLinear.from_float(linear, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, s = self.q_in(x)
-        return self.linear(x, s)[0]
+        q, s = self.q_in.quantize(x)
+        return self.linear(q, None)[0] if s is None else self.linear.forward_q(q, s)[0]
 
 
 class QConv2d(nn.Module):
@@ -34,5 +34,5 @@ class QConv2d(nn.Module):
         self.conv = QuantConv2d.from_float(conv, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, s = self.q_in(x)
-        return self.conv(x, s)[0]
+        q, s = self.q_in.quantize(x)
+        return self.conv(q, None)[0] if s is None else self.conv.forward_q(q, s)[0]

@@ -1,0 +1,145 @@
+"""Layer-wise sensitivity of the non-linear slots (paper section 3.2.1-3.2.3, spec section 6).
+
+For each method, a copy of the quantized model with that method in every slot (GELU has no
+FQ-ViT method: the FQ-ViT model uses I-BERT's GELU there, the choice ``uniform:fqvit`` makes, and
+no FQ-ViT GELU rows are reported) is calibrated on the calibration images. Then, batch by batch,
+the float model runs once with a recorder on every slot, and each method's model runs once
+comparing every slot's input and output with the float model's at the same place: all slots are
+measured in one forward pass per method, not one pass per slot.
+
+ASQNR (dB) of a slot's tensors over N samples, ``x_i`` float and ``q_i`` quantized (dequantized):
+
+- ``amplitude`` (default, the authors' code as described publicly; a true dB figure):
+  ``20 log10( mean_i ||x_i|| / ||x_i - q_i|| )``;
+- ``eq10`` (the paper's Eq. 10 as printed): ``20 log10( mean_i E[x_i^2] / E[(x_i - q_i)^2] )``.
+
+SQNR diff = ASQNR(output) - ASQNR(input) (Eq. 11): how much signal-to-noise a layer loses (< 0) or
+gains (> 0) between the noise it receives and the noise it passes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import calibrate
+from .convert import QuantModel
+from .errors import UsageError
+from .slot import NonLinearSlot, methods_for
+
+ASQNR_FORMS = ("amplitude", "eq10")
+UNIFORM_GELU_FOR_FQVIT = "ibert"  # FQ-ViT keeps GELU in float; its integer stand-in
+
+
+def uniform_for(method: str, slot_ops: Mapping[str, str]) -> dict[str, str]:
+    """The assignment ``uniform:<method>``: ``method`` in every slot whose op has it, else the
+    documented stand-in (I-BERT's GELU for FQ-ViT)."""
+    out = {}
+    for name, op in slot_ops.items():
+        if method in methods_for(op, include_float=True):
+            out[name] = method
+        elif op == "gelu" and method == "fqvit":
+            out[name] = UNIFORM_GELU_FOR_FQVIT
+        else:
+            raise UsageError(f"method {method!r} has no {op} implementation and no stand-in")
+    return out
+
+
+@dataclass
+class _Acc:
+    """Per-sample sums for one (method, slot, side)."""
+
+    amp: float = 0.0
+    power: float = 0.0
+    n: int = 0
+
+    def add(self, x: torch.Tensor, q: torch.Tensor) -> None:
+        x, d = x.double(), (x - q).double()
+        sig = x.norm(dim=1)
+        noise = d.norm(dim=1)
+        tiny = 1e-30
+        self.amp += float((sig / (noise + 1e-12 * sig + tiny)).sum())
+        self.power += float(((x * x).mean(dim=1) / ((d * d).mean(dim=1) + 1e-24 * (x * x).mean(dim=1) + tiny)).sum())
+        self.n += x.shape[0]
+
+    def asqnr(self, form: str) -> float:
+        value = self.amp / self.n if form == "amplitude" else self.power / self.n
+        return 20.0 * math.log10(max(value, 1e-30))
+
+
+@contextmanager
+def recording(model: QuantModel, fn):
+    slots = [m for m in model.modules() if isinstance(m, NonLinearSlot)]
+    for s in slots:
+        s.recorder = fn
+    try:
+        yield
+    finally:
+        for s in slots:
+            s.recorder = None
+
+
+def build_method_models(qmodel: QuantModel, methods: Iterable[str], calib_batches_fn, device,
+                        progress: bool = False) -> dict[str, QuantModel]:
+    """One calibrated copy of ``qmodel`` per method (``uniform_for`` assignment)."""
+    out = {}
+    for method in methods:
+        m = copy.deepcopy(qmodel)
+        m.set_quant(True)
+        m.set_assignment(uniform_for(method, m.slot_ops()))
+        calibrate(m, calib_batches_fn(), device, progress=progress)
+        out[method] = m
+    return out
+
+
+@torch.inference_mode()
+def measure_sensitivity(float_model: QuantModel, method_models: Mapping[str, QuantModel],
+                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device="cpu",
+                        form: str = "amplitude", progress: bool = False) -> list[dict]:
+    """Rows ``slot, op, method, asqnr_in, asqnr_out, sqnr_diff`` for every slot and every method
+    valid for the slot's op. ``float_model`` must have quantization off (``set_quant(False)``)."""
+    if form not in ASQNR_FORMS:
+        raise UsageError(f"unknown ASQNR form {form!r}; choose from: {', '.join(ASQNR_FORMS)}")
+    slot_ops = float_model.slot_ops()
+    acc: dict[tuple[str, str, str], _Acc] = {}
+    float_model.eval()
+    for m in method_models.values():
+        m.eval()
+    for x, _ in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
+        x = x.to(device)
+        b = x.shape[0]
+        ref: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def keep(name, x_in, y):
+            ref[name] = (x_in.reshape(b, -1).float(), y.reshape(b, -1).float())
+
+        with recording(float_model, keep):
+            float_model(x)
+        for method, model in method_models.items():
+            def compare(name, x_in, y, method=method):
+                if method not in methods_for(slot_ops[name]):
+                    return
+                fx, fy = ref[name]
+                acc.setdefault((method, name, "in"), _Acc()).add(fx, x_in.reshape(b, -1).float())
+                acc.setdefault((method, name, "out"), _Acc()).add(fy, y.reshape(b, -1).float())
+
+            with recording(model, compare):
+                model(x)
+    if not acc:
+        raise UsageError("calibration data is empty")
+    rows = []
+    for name, op in slot_ops.items():
+        for method in method_models:
+            if (method, name, "in") not in acc:
+                continue
+            a_in = acc[(method, name, "in")].asqnr(form)
+            a_out = acc[(method, name, "out")].asqnr(form)
+            rows.append(dict(slot=name, op=op, method=method, asqnr_in=round(a_in, 4),
+                             asqnr_out=round(a_out, 4), sqnr_diff=round(a_out - a_in, 4)))
+    return rows
