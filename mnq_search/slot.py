@@ -88,16 +88,18 @@ class NonLinearSlot(nn.Module):
         """``masked`` (Softmax only): boolean tensor broadcastable to x, True where the logit is masked
         out (Swin's shifted windows). Float mode adds -inf there; quantized mode sets the integer
         to :data:`MASK_SENTINEL` after quantization, so the mask never enters the range statistics."""
-        x_in, s = self.q_in(x)
+        q, s = self.q_in.quantize(x)
         if s is None:  # quantization off: the float op (what timm computes)
+            x_in = x
             y = self.float_op(x if masked is None else x.masked_fill(masked, float("-inf")))
             self.out_scale = None
         else:
-            xm = x_in if masked is None else torch.where(masked, MASK_SENTINEL * s, x_in)
+            x_in = q * s
+            qm = q if masked is None else q.masked_fill(masked, MASK_SENTINEL)
             if self.impl is None:
-                y, self.out_scale = self.float_op(xm), None
+                y, self.out_scale = self.float_op(qm * s), None
             else:
-                y, self.out_scale = self.impl(xm, s)
+                y, self.out_scale = self.impl.forward_q(qm, s)
         if self.recorder is not None:
             self.recorder(self.name, x_in.detach(), y.detach())
         return y

@@ -30,36 +30,45 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant._fake_quant import check_bits
+from ..quant._fake_quant import _RoundSTE, check_bits
 from ._intops import check_range, is_int
 
 
+def _run_kernel(module: "NonLinearMethod", q: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on float-held integers: float32 where the method proves every intermediate
+    stays below 2**24 at this scale (exact there), float64 otherwise; returns (y float32, s_y)."""
+    work = torch.float32 if module.float32_exact(s) else torch.float64
+    q_y, s_y = module.kernel(q.to(work), s)
+    s_y = torch.as_tensor(s_y, dtype=torch.float64, device=q.device)
+    return (q_y.double() * s_y).float() if work == torch.float64 or s_y.dim() else q_y.float() * float(s_y), s_y
+
+
 class _KernelSTE(torch.autograd.Function):
+    """Forward: the integer kernel on ``q`` (the input's integers, a float tensor). Backward: the
+    float op's vector-Jacobian product at ``q * s_x`` (gradient w.r.t. ``q`` is ``s_x`` times it)."""
+
     @staticmethod
-    def forward(ctx, module: "NonLinearMethod", x: torch.Tensor, s_x: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, module: "NonLinearMethod", q: torch.Tensor, s_x: torch.Tensor, *params: torch.Tensor):
         with torch.no_grad():
-            q = torch.floor(x.detach().double() / s_x.double() + 0.5)
-            q_y, s_y = module.kernel(q, float(s_x))
-            s_y = torch.as_tensor(s_y, dtype=torch.float64, device=x.device)
-            y = (q_y * s_y).float()
+            y, s_y = _run_kernel(module, q.detach(), float(s_x))
         ctx.module = module
-        ctx.save_for_backward(x, *params)
+        ctx.save_for_backward(q, s_x, *params)
         s_y = s_y.float()
         ctx.mark_non_differentiable(s_y)
         return y, s_y
 
     @staticmethod
     def backward(ctx, g_y: torch.Tensor, g_s: torch.Tensor):
-        x, *params = ctx.saved_tensors
+        q, s_x, *params = ctx.saved_tensors
         with torch.enable_grad():
-            xd = x.detach().float().requires_grad_(x.requires_grad)
+            xd = (q.detach().float() * s_x.float()).requires_grad_(q.requires_grad)
             ps = [p.detach().requires_grad_(p.requires_grad) for p in params]
             out = ctx.module.float_op(xd, *ps)
             wrt = [t for t in (xd, *ps) if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wrt, g_y.float()) if wrt else ())
-        g_x = next(grads).to(x.dtype) if xd.requires_grad else None
+        g_q = (next(grads) * s_x.float()).to(q.dtype) if xd.requires_grad else None
         g_p = [next(grads) if p.requires_grad else None for p in ps]
-        return (None, g_x, None, *g_p)
+        return (None, g_q, None, *g_p)
 
 
 class NonLinearMethod(nn.Module):
@@ -106,13 +115,27 @@ class NonLinearMethod(nn.Module):
     def observe(self, x: torch.Tensor, s_x: torch.Tensor) -> None:
         """Optional hook, run in ``train()`` mode before the kernel: update calibrated ranges."""
 
+    def float32_exact(self, s_x: float) -> bool:
+        """True when the kernel's intermediates stay below 2**24 at input scale ``s_x`` (for inputs
+        of ``in_bits``), so the float-held path may run in float32. Default: False (float64)."""
+        return False
+
     # --- provided ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, s_x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         s_x = torch.as_tensor(s_x, dtype=torch.float32, device=x.device)
+        q = _RoundSTE.apply(x.float() / s_x)  # x lies on the grid: this removes float error only
+        return self.forward_q(q, s_x)
+
+    def forward_q(self, q: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like forward, from the input's integers ``q`` (a float tensor, as ``ActQuant.quantize``
+        gives them); gradients reach ``q``."""
         if self.training:
             with torch.no_grad():
-                self.observe(x.detach().float(), s_x)
-        return _KernelSTE.apply(self, x, s_x, *self.grad_params())
+                self.observe(q.detach().float() * s_x, s_x)
+        if torch.is_grad_enabled() and (q.requires_grad or any(p.requires_grad for p in self.grad_params())):
+            return _KernelSTE.apply(self, q, s_x, *self.grad_params())
+        y, s_y = _run_kernel(self, q, float(s_x))
+        return y, s_y.float()
 
     @torch.no_grad()
     def forward_int(self, q: torch.Tensor, s_x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

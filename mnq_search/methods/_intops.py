@@ -99,9 +99,13 @@ def shl(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
 def round_shr(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Half-up rounding of a / 2**k (k >= 0): floor((a + 2**(k-1)) / 2**k); k = 0 gives a."""
     if isinstance(k, int):
-        return a if k == 0 else shr(a + 2 ** (k - 1), k)
-    half = torch.where(k > 0, shl(torch.ones_like(a), (k - 1).clamp(min=0)), torch.zeros_like(a))
-    return shr(a + half, k)
+        if k == 0:
+            return a
+        return shr(a + 2 ** (k - 1), k) if is_int(a) else torch.floor(a * 2.0**-k + 0.5)
+    if is_int(a):
+        k = k.to(a.dtype)
+        return shr(a + shr(shl(torch.ones_like(a), k), 1), k)
+    return torch.floor(torch.ldexp(a, -k.to(a.dtype)) + 0.5)  # exact for |a| < 2**52
 
 
 def mul_shr(a: torch.Tensor, b: torch.Tensor | int, k: torch.Tensor | int, name: str = "mul_shr") -> torch.Tensor:
@@ -111,7 +115,13 @@ def mul_shr(a: torch.Tensor, b: torch.Tensor | int, k: torch.Tensor | int, name:
 
 
 def bitlen(a: torch.Tensor) -> torch.Tensor:
-    """Number of bits of a >= 0 (0 for 0), a < 2**63; binary search with six shift-compare steps."""
+    """Number of bits of a >= 0 (0 for 0), a < 2**63.
+
+    Integer path: a binary search with six shift-compare steps. Float-held path: the exponent
+    of ``frexp``, which is the same number for an exactly held integer (one op instead of 24).
+    """
+    if not is_int(a):
+        return torch.frexp(a).exponent.to(a.dtype)
     n = torch.zeros_like(a)
     x = a
     for s in (32, 16, 8, 4, 2, 1):
@@ -193,8 +203,10 @@ def i_exp(q: torch.Tensor, scale: float, n_max: int = 15) -> tuple[torch.Tensor,
 
     Deviations from the reference, all for int32 safety: the reference clamps at 30 ln2 (n = 30)
     and overflows int32; here n = min(n_max, 30 - bitlen(c/S**2)) (15 for typical softmax input
-    scales), so the largest exponential c/S**2 * 2**n stays below 2**30; scales outside
-    [2**-9, 0.5] are first shifted into it (:func:`prescale`).
+    scales), so the largest exponential c/S**2 * 2**n stays below 2**30; inputs below the clamp
+    at n ln2 give 0 (the reference's clamp at 30 ln2 leaves a floor of 2**-30, which is 0 in
+    effect; a floor of 2**-15 would add up over long rows and unmask Swin's masked logits);
+    scales outside [2**-9, 0.5] are first shifted into it (:func:`prescale`).
 
     Returns (exp_int, exp_scale, exp_bound): exp_int in [0, exp_bound], exp_bound = c/S**2 * 2**n
     < 2**30 (the value at x = 0), exp_scale = a S**2 / 2**n.
@@ -204,11 +216,12 @@ def i_exp(q: torch.Tensor, scale: float, n_max: int = 15) -> tuple[torch.Tensor,
     bq = math.floor(IEXP_B / s)
     cq = math.floor(IEXP_C / s**2)
     n = max(0, min(n_max, 30 - cq.bit_length()))
-    q = torch.clamp(q, min=n * x0)
+    under = q < n * x0  # exp below 2**-n of the maximum: 0 (with n = 30 the reference's clamp
+    q = torch.clamp(q, min=n * x0)  # floor of 2**-30 was 0 in effect; at n = 15 it would not be)
     z = floor_div(q, x0)
     r = q - x0 * z
     p = check_range(r * (r + bq) + cq, "i-exp polynomial")
-    e = check_range(shl(p, n - z), "i-exp")
+    e = check_range(shl(p, n - z), "i-exp").masked_fill_(under, 0)
     return e, IEXP_A * s**2 / 2.0**n, cq << n
 
 

@@ -62,6 +62,17 @@ class IBertGELU(NonLinearMethod):
     Output: |out| < 2**23 for inputs up to 8 bits.
     """
 
+    def float32_exact(self, s_x):
+        # intermediates: |(min(|q|, -bq) + bq)**2 + cq| <= max(bq**2, |cq|) and
+        # |out| = |q (y + one)| <= |q|max (2 |one| + 2), with |q|max = 2**(in_bits-1) times the prescale
+        q0, s = prescale(torch.ones((), dtype=torch.float64), s_x, *GELU_S_RANGE)
+        qmax = 2 ** (self.in_bits - 1) * max(1.0, float(q0))
+        se = s / math.sqrt(2.0)
+        bq, cq = math.floor(ERF_B / se), math.floor(1.0 / (ERF_A * se**2))
+        k = max(0, (-cq).bit_length() - 15)
+        one = abs(math.floor(1.0 / (ERF_A * se**2 * 2.0**k)))
+        return max(bq * bq, -cq, qmax * (2 * one + 2)) < 2**24
+
     def kernel(self, q, s_x):
         q, s = prescale(q, s_x, *GELU_S_RANGE)
         se = s / math.sqrt(2.0)

@@ -47,7 +47,9 @@ class _RoundClampSTE(torch.autograd.Function):
 
 def quantize_ste(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Integer-valued ``clamp(round_half_up(x / scale))`` with the STE of Eq. 2 (float tensor)."""
-    return _RoundClampSTE.apply(x / scale, qmin, qmax)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _RoundClampSTE.apply(x / scale, qmin, qmax)
+    return torch.floor_(x / scale + 0.5).clamp_(qmin, qmax)  # no gradient wanted: no masks
 
 
 class _RoundSTE(torch.autograd.Function):

@@ -1,0 +1,252 @@
+"""The main job: float model -> quantized model -> sensitivity -> strategy -> assignment -> top-1.
+
+:func:`run` is what ``mnq-search run`` does; :func:`evaluate_assignment` is ``mnq-search eval``.
+Both validate every input before any heavy work and write their outputs only at the end,
+each file through a temporary name (nothing half-written).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io as _io
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .calibrate import calibrate, evaluate
+from .convert import QuantModel, convert_model
+from .data import DataSource, open_data
+from .errors import UsageError
+from .io import atomic_write_json, atomic_write_text
+from .models import ModelInfo, load_model
+from .plan import counts, load_assignment
+from .quant import check_bits
+from .sensitivity import ASQNR_FORMS, build_method_models, measure_sensitivity
+
+SENSITIVITY_FIELDS = ("slot", "op", "method", "asqnr_in", "asqnr_out", "sqnr_diff")
+EVAL_SEED = 0  # the evaluation subset is the same for every --seed, so runs compare on one set
+
+
+@dataclass
+class RunConfig:
+    strategy: str = "sqnr_diff"
+    model: str | None = None
+    checkpoint: str | None = None
+    data: str | None = None
+    bits: int = 8
+    calib_size: int = 128
+    eval_size: int | None = 2000  # None: the whole evaluation split
+    batch_size: int = 250
+    sens_batch_size: int = 32
+    out: str = "runs/default"
+    seed: int = 0
+    device: str | None = None
+    asqnr_form: str = "amplitude"
+    sensitivity: bool = False  # force the sensitivity pass for strategies that do not need it
+    download: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _check_common(bits: int, calib_size: int, eval_size: int | None, batch_size: int) -> None:
+    try:
+        check_bits(bits)
+    except ValueError as exc:
+        raise UsageError(f"--bits: {exc}") from None
+    if calib_size <= 0:
+        raise UsageError(f"--calib-size must be positive, got {calib_size}")
+    if eval_size is not None and eval_size <= 0:
+        raise UsageError(f"--eval-size must be positive or 'all', got {eval_size}")
+    if batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, got {batch_size}")
+
+
+def prepare(model_name, checkpoint, data_spec, download=False) -> tuple[torch.nn.Module, ModelInfo, DataSource]:
+    model, info = load_model(model_name, checkpoint)
+    data = open_data(data_spec, model, default=info.data, input_size=info.input_size, download=download)
+    return model, info, data
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Run one strategy end to end; returns the result record (also written to ``cfg.out``)."""
+    from strategies import SearchContext, get_strategy
+
+    t_start = time.perf_counter()
+    strategy = get_strategy(cfg.strategy)
+    _check_common(cfg.bits, cfg.calib_size, cfg.eval_size, cfg.batch_size)
+    if cfg.asqnr_form not in ASQNR_FORMS:
+        raise UsageError(f"unknown ASQNR form {cfg.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
+    device = cfg.device or default_device()
+    torch.manual_seed(cfg.seed)
+    model, info, data = prepare(cfg.model, cfg.checkpoint, cfg.data, cfg.download)
+    model = model.to(device)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    fp = evaluate(model, data.eval_batches(cfg.eval_size, cfg.batch_size, EVAL_SEED), device,
+                  cfg.progress, "float eval")
+    timings["float_eval_s"] = time.perf_counter() - t
+
+    qmodel = convert_model(model, cfg.bits).to(device)
+    slot_ops = qmodel.slot_ops()
+    rows = None
+    if strategy.needs_sensitivity or cfg.sensitivity:
+        rows, sens_timing = sensitivity_pass(model, qmodel, data, cfg, device)
+        timings.update(sens_timing)
+    ctx = SearchContext(slot_ops=slot_ops, seed=cfg.seed, bits=cfg.bits, sensitivity=rows,
+                        extra=dict(cfg.extra, model=model, qmodel=qmodel, data=data, device=device, config=cfg))
+    strategy.before_search(ctx)
+    assignment = strategy.select(ctx)
+    strategy.after_search(ctx, assignment)
+
+    qmodel.set_assignment(assignment)
+    t = time.perf_counter()
+    calibrate(qmodel, data.calib_batches(cfg.calib_size, cfg.batch_size, cfg.seed), device)
+    timings["calibrate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    qres = evaluate(qmodel, data.eval_batches(cfg.eval_size, cfg.batch_size, EVAL_SEED), device,
+                    cfg.progress, "quantized eval")
+    timings["quant_eval_s"] = time.perf_counter() - t
+    timings["wall_s"] = time.perf_counter() - t_start
+
+    result = _record(cfg, info, data, strategy.full_name, assignment, slot_ops, fp, qres, timings, device)
+    result["sensitivity_measured"] = rows is not None
+    write_outputs(Path(cfg.out), result, assignment, rows, cfg)
+    return result
+
+
+def sensitivity_pass(model, qmodel: QuantModel, data: DataSource, cfg: RunConfig, device) -> tuple[list[dict], dict]:
+    """Calibrate one model per method, measure every slot; also time one float pass over the same
+    calibration images (the reference of the sensitivity-time ratio in BENCHMARKS.md)."""
+    from .slot import methods_for
+
+    methods = list(dict.fromkeys(m for op in ("softmax", "gelu", "layernorm") for m in methods_for(op)))
+    t = time.perf_counter()
+    calib = lambda: data.calib_batches(cfg.calib_size, cfg.sens_batch_size, cfg.seed)  # noqa: E731
+    models = build_method_models(qmodel, methods, calib, device, cfg.progress)
+    float_ref = qmodel.set_quant(False)
+    try:
+        rows = measure_sensitivity(float_ref, models, calib(), device, cfg.asqnr_form, cfg.progress)
+    finally:
+        qmodel.set_quant(True)
+    sens_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in calib():
+            model(x.to(device))
+    float_s = time.perf_counter() - t
+    return rows, {"sensitivity_s": sens_s, "float_pass_calib_s": float_s,
+                  "sensitivity_over_float_pass": sens_s / max(float_s, 1e-9)}
+
+
+def _record(cfg, info, data, strategy, assignment, slot_ops, fp, qres, timings, device) -> dict[str, Any]:
+    return {
+        "strategy": strategy,
+        "model": info.name,
+        "checkpoint": info.checkpoint,
+        "data": data.spec,
+        "bits": cfg.bits,
+        "counts": counts(assignment, slot_ops),
+        "slots": {op: n for op, n in _count_ops(slot_ops).items()},
+        "top1_fp": round(fp["top1"], 3),
+        "top5_fp": round(fp["top5"], 3),
+        "top1_quant": round(qres["top1"], 3),
+        "top5_quant": round(qres["top5"], 3),
+        "eval_images": qres["images"],
+        "eval_size": "all" if cfg.eval_size is None else cfg.eval_size,
+        "calib_images": cfg.calib_size,
+        "seed": cfg.seed,
+        "asqnr_form": cfg.asqnr_form,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "wall_time_s": round(timings["wall_s"], 2),
+        "device": device_name(device),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(["mnq-search"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mnq-search") else None,
+        "torch": torch.__version__,
+        "weights": {k: info.weights_meta.get(k) for k in ("epochs", "top1", "date", "device")} if info.weights_meta else None,
+    }
+
+
+def _count_ops(slot_ops) -> dict[str, int]:
+    out = {"softmax": 0, "gelu": 0, "layernorm": 0}
+    for op in slot_ops.values():
+        out[op] += 1
+    return out
+
+
+def sensitivity_csv(rows: list[dict]) -> str:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SENSITIVITY_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(out: Path, result: dict, assignment: dict, rows: list[dict] | None, cfg: RunConfig) -> None:
+    """Write assignment.json, sensitivity.csv (when measured) and result.json, each atomically;
+    result.json last, so its presence marks a finished run."""
+    out.mkdir(parents=True, exist_ok=True)
+    from .plan import save_assignment
+
+    save_assignment(out / "assignment.json", assignment, model=result["model"], bits=result["bits"],
+                    strategy=result["strategy"], seed=result["seed"])
+    if rows is not None:
+        atomic_write_text(out / "sensitivity.csv", sensitivity_csv(rows))
+    record = dict(result, config={k: v for k, v in asdict(cfg).items() if k != "extra"})
+    atomic_write_json(out / "result.json", record)
+
+
+def evaluate_assignment(assignment_file: str, model_name=None, checkpoint=None, data_spec=None, bits=None,
+                        calib_size=128, eval_size=2000, batch_size=250, seed=0, device=None,
+                        results_file: str | None = None, progress=True) -> dict[str, Any]:
+    """``mnq-search eval``: calibrate and evaluate the model with a given assignment."""
+    from .io import read_json
+
+    meta = read_json(assignment_file, "assignment file")
+    bits = bits or (meta.get("bits") if isinstance(meta, dict) else None) or 8
+    model_name = model_name or (meta.get("model") if isinstance(meta, dict) else None)
+    _check_common(bits, calib_size, eval_size, batch_size)
+    device = device or default_device()
+    torch.manual_seed(seed)
+    model, info, data = prepare(model_name, checkpoint, data_spec)
+    model = model.to(device)
+    qmodel = convert_model(model, bits).to(device)
+    assignment, _ = load_assignment(assignment_file, qmodel.slot_ops())
+    qmodel.set_assignment(assignment)
+    calibrate(qmodel, data.calib_batches(calib_size, batch_size, seed), device)
+    res = evaluate(qmodel, data.eval_batches(eval_size, batch_size, EVAL_SEED), device, progress, "quantized eval")
+    out = {"model": info.name, "bits": bits, "assignment": str(assignment_file),
+           "counts": counts(assignment, qmodel.slot_ops()), "top1": round(res["top1"], 3),
+           "top5": round(res["top5"], 3), "images": res["images"], "seconds": round(res["seconds"], 2),
+           "device": device_name(device)}
+    if results_file:
+        _append_results_csv(Path(results_file), out)
+    return out
+
+
+def _append_results_csv(path: Path, row: dict) -> None:
+    """Append one row (timm validate.py's --results-file), rewriting the file atomically."""
+    flat = {k: v for k, v in row.items() if k != "counts"}
+    old = path.read_text() if path.is_file() else ""
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(flat), lineterminator="\n")
+    if not old:
+        w.writeheader()
+    w.writerow(flat)
+    atomic_write_text(path, old + buf.getvalue())
