@@ -1,0 +1,175 @@
+"""The CLI end to end on CPU, with tiny data: outputs, reproducibility, and bad input (exit 2, one
+line, no partial output). The model is the embedded DeiT-Tiny structure with random weights saved
+to a file the test makes; Fashion-MNIST comes from the Debian package."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from mnq_search.cli import main
+from mnq_search.io import save_weights
+from mnq_search.zoo import create_zoo_model
+
+FAST = ["--calib-size", "16", "--eval-size", "40", "--batch-size", "20", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_weights(create_zoo_model("fmnist-deit-tiny"), path)
+    return path
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_run_writes_the_three_files(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["run", "--strategy", "sqnr_diff", "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    assignment = json.loads((out / "assignment.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    rows = list(csv.DictReader((out / "sensitivity.csv").open()))
+    assert len(assignment["slots"]) == 49 and assignment["strategy"] == "sqnr_diff"
+    # one row per slot and method valid for its op: 12*3 softmax + 12*2 gelu + 25*3 layernorm
+    assert len(rows) == 12 * 3 + 12 * 2 + 25 * 3
+    assert {r["method"] for r in rows if r["op"] == "gelu"} == {"ibert", "ivit"}
+    for r in rows:
+        assert float(r["sqnr_diff"]) == pytest.approx(float(r["asqnr_out"]) - float(r["asqnr_in"]), abs=2e-4)
+    assert result["counts"]["softmax"]["ibert"] + result["counts"]["softmax"]["fqvit"] + \
+        result["counts"]["softmax"]["ivit"] == 12
+    assert result["slots"] == {"softmax": 12, "gelu": 12, "layernorm": 25}
+    assert result["eval_images"] == 40 and 0 <= result["top1_quant"] <= 100
+    assert "top-1 FP" in stdout and "fixed seeded subset of 40" in stdout
+
+
+def test_the_greedy_rule_picks_the_lowest_diff(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["run", "--strategy", "sqnr_diff", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
+    rows = list(csv.DictReader((out / "sensitivity.csv").open()))
+    chosen = json.loads((out / "assignment.json").read_text())["slots"]
+    for slot, method in chosen.items():
+        diffs = {r["method"]: float(r["sqnr_diff"]) for r in rows if r["slot"] == slot}
+        assert diffs[method] == min(diffs.values())
+
+
+@pytest.mark.parametrize("strategy", ["sqnr_gain", "random"])
+def test_same_seed_same_assignment(ckpt, tmp_path, capsys, strategy):
+    got = []
+    for i in range(2):
+        out = tmp_path / f"r{i}"
+        code, _, err = run_cli(["run", "--strategy", strategy, "--checkpoint", ckpt, "--out", out, "--seed", "3",
+                                *FAST], capsys)
+        assert code == 0, err
+        got.append(json.loads((out / "assignment.json").read_text())["slots"])
+    assert got[0] == got[1]
+
+
+def test_eval_reproduces_the_run(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["run", "--strategy", "uniform:ivit", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
+    result = json.loads((out / "result.json").read_text())
+    results_file = tmp_path / "results.csv"
+    code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt,
+                                 "--results-file", results_file, *FAST], capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1_quant']:.2f} %" in stdout
+    rows = list(csv.DictReader(results_file.open()))
+    assert len(rows) == 1 and float(rows[0]["top1"]) == pytest.approx(result["top1_quant"])
+
+
+def test_imagefolder_and_timm_checkpoint(tmp_path, capsys):
+    """--model <timm name> --checkpoint FILE --data imagefolder:PATH (tiny generated images)."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=3)
+    ckpt = tmp_path / "deit.pth"
+    torch.save({"model": model.state_dict()}, ckpt)  # the layout of the official DeiT checkpoints
+    for split in ("train", "val"):
+        for c in range(3):
+            d = tmp_path / "imgs" / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(d / f"{i}.png")
+    # the timm model has 1000 classes by default: a 3-class checkpoint does not fit it
+    code, _, err = run_cli(["run", "--model", "deit_tiny_patch16_224", "--checkpoint", ckpt, "--data",
+                            f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "o", *FAST], capsys)
+    assert code == 2 and "does not fit the model" in err
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    torch.save(model.state_dict(), ckpt)
+    code, stdout, err = run_cli(["run", "--strategy", "uniform:ibert", "--model", "deit_tiny_patch16_224",
+                                 "--checkpoint", ckpt, "--data", f"imagefolder:{tmp_path / 'imgs'}",
+                                 "--out", tmp_path / "o", "--calib-size", "4", "--eval-size", "6",
+                                 "--batch-size", "3", "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "result.json").read_text())["eval_images"] == 6
+
+
+def _bad_cases(tmp_path, ckpt):
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01 not a checkpoint at all")
+    corrupt_pt = tmp_path / "corrupt.pth"
+    corrupt_pt.write_bytes(b"PK\x03\x04 truncated zip")
+    empty = tmp_path / "empty"
+    (empty / "val" / "c0").mkdir(parents=True)
+    bad_assign = tmp_path / "bad.json"
+    bad_assign.write_text(json.dumps({"slots": {"blocks.0.nrm1": "ivit"}}))
+    bad_method = tmp_path / "badm.json"
+    bad_method.write_text(json.dumps({"default": {"softmax": "ivit", "gelu": "fqvit", "layernorm": "ivit"}}))
+    not_json = tmp_path / "nj.json"
+    not_json.write_text("{oops")
+    c = ["--checkpoint", str(ckpt)]
+    return {
+        "unknown strategy": (["run", "--strategy", "sqnr_dif", *c], "unknown strategy 'sqnr_dif' (did you mean 'sqnr_diff'?)"),
+        "unknown uniform arg": (["run", "--strategy", "uniform:foo", *c], "uniform:ibert"),
+        "unknown model": (["run", "--model", "deit_tinny_patch16_224"], "unknown model"),
+        "bits too high": (["run", "--bits", "9", *c], "4..8"),
+        "bits too low": (["run", "--bits", "3", *c], "4..8"),
+        "bits not a number": (["run", "--bits", "eight", *c], "invalid int value"),
+        "missing checkpoint": (["run", "--checkpoint", str(tmp_path / "nope.safetensors")], "checkpoint not found"),
+        "corrupt checkpoint": (["run", "--checkpoint", str(corrupt)], "corrupt"),
+        "corrupt torch checkpoint": (["run", "--checkpoint", str(corrupt_pt)], "corrupt"),
+        "timm name without weights": (["run", "--model", "deit_tiny_patch16_224"], "needs local weights"),
+        "missing data": (["run", "--data", "fmnist:/nonexistent", *c], "Fashion-MNIST not found"),
+        "missing image folder": (["run", "--data", f"imagefolder:{tmp_path / 'nope'}", *c], "not found"),
+        "empty image folder": (["run", "--model", "deit_tiny_patch16_224", *c[:0], "--checkpoint", str(ckpt),
+                                "--data", f"imagefolder:{empty}"], None),
+        "bad data spec": (["run", "--data", "mnist", *c], "unknown data spec"),
+        "bad eval size": (["run", "--eval-size", "-3", *c], "--eval-size"),
+        "unknown slot": (["eval", "--assignment", str(bad_assign), *c], "unknown slot 'blocks.0.nrm1' (did you mean 'blocks.0.norm1'?)"),
+        "method invalid for op": (["eval", "--assignment", str(bad_method), *c], "not valid for gelu"),
+        "assignment not json": (["eval", "--assignment", str(not_json), *c], "not valid JSON"),
+        "missing assignment": (["eval", "--assignment", str(tmp_path / "none.json"), *c], "not found"),
+        "unknown list": (["list", "everything"], "invalid choice"),
+        "unknown zoo model": (["pretrain", "fmnist-deit-tiny2"], "unknown zoo model"),
+    }
+
+
+def test_every_bad_input_exits_2_with_one_line_and_no_output(ckpt, tmp_path, capsys):
+    for name, (args, needle) in _bad_cases(tmp_path, ckpt).items():
+        out = tmp_path / f"out-{name.replace(' ', '_')}"
+        full = args + (["--out", str(out)] if args[0] == "run" else []) + (["--quiet"] if args[0] in ("run", "eval") else [])
+        code, stdout, err = run_cli(full, capsys)
+        assert code == 2, (name, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("mnq-search: error: "), (name, err)
+        if needle:
+            assert needle in lines[0], (name, lines[0])
+        assert not out.exists(), name  # nothing written
+
+
+def test_list_commands(capsys):
+    assert run_cli(["list", "strategies"], capsys)[1].count("\n") == 8
+    out = run_cli(["list", "methods"], capsys)[1]
+    assert "gelu       ibert, ivit" in out
+    assert "fmnist-deit-tiny" in run_cli(["list", "models"], capsys)[1]
