@@ -73,12 +73,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ASQNR form: per-sample amplitude ratio, or the paper's Eq. 10 as printed (default: amplitude)")
     p.add_argument("--sensitivity", action="store_true",
                    help="measure the sensitivity table even when the strategy does not need it")
+    p.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after the assignment (default: 0, PTQ only)")
     _add_model_args(p)
     _add_quant_args(p)
 
     p = sub.add_parser("eval", help="calibrate and evaluate a given assignment")
     p.add_argument("--assignment", required=True, help="assignment JSON (from run)")
     p.add_argument("--results-file", default=None, help="append the result as a CSV row to this file")
+    _add_model_args(p)
+    _add_quant_args(p)
+    p.set_defaults(bits=None)
+
+    p = sub.add_parser("qat", help="quantization-aware training of an assignment (torchrun for many GPUs)")
+    p.add_argument("--assignment", required=True, help="assignment JSON (from run)")
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None, help="epochs (default: 1)")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs")
+    g.add_argument("--lr", type=float, default=5e-5, help="peak learning rate, AdamW (default: 5e-5)")
+    g.add_argument("--qat-batch-size", type=int, default=128, help="global training batch (default: 128)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    g.add_argument("--distill", action="store_true", help="distil from the float model (logits KL)")
+    g.add_argument("--resume", default=None, help="continue the run in this folder from its last checkpoint")
+    g.add_argument("--out", default=None, help="output folder (default: the --resume folder, else runs/qat)")
     _add_model_args(p)
     _add_quant_args(p)
     p.set_defaults(bits=None)
@@ -91,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="fmnist:PATH for a Fashion-MNIST folder (default: fmnist)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a training state exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("report", help="the paper's figures and tables, as PNG, CSV, Markdown and one HTML page",
+                       epilog=REPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", metavar="DIR", help="a run, qat, study or Optuna-export folder, searched recursively")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="report folder (default: DIR/report)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("Figure 2: output histograms (re-runs the run's model)")
+    g.add_argument("--slots", default=None,
+                   help="comma-separated slot names (default: the 4 slots whose methods' SQNR diffs spread most)")
+    g.add_argument("--images", type=int, default=64, help="calibration images to re-run (default: 64)")
+    g.add_argument("--no-histograms", action="store_true", help="skip Figure 2, load no model (default: draw it)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     p = sub.add_parser("list", help="list strategies, objectives, methods or models")
     p.add_argument("what", choices=("strategies", "objectives", "methods", "models"))
@@ -123,7 +153,9 @@ def _cmd_run(args) -> int:
                     bits=args.bits, calib_size=args.calib_size, eval_size=args.eval_size,
                     batch_size=args.batch_size, out=args.out, seed=args.seed, device=args.device,
                     asqnr_form=args.asqnr_form, sensitivity=args.sensitivity, download=args.download,
-                    progress=not args.quiet)
+                    progress=not args.quiet, qat_epochs=args.qat_epochs)
+    if args.qat_epochs < 0:
+        raise UsageError(f"--qat-epochs must be 0 or more, got {args.qat_epochs}")
     result = run(cfg)
     _print_run_table(result)
     files = ["assignment.json"] + (["sensitivity.csv"] if result["sensitivity_measured"] else []) + ["result.json"]
@@ -139,6 +171,21 @@ def _cmd_eval(args) -> int:
                               progress=not args.quiet)
     print(f"{res['model']} {res['bits']}-bit {res['assignment']}: top-1 {res['top1']:.2f} %  "
           f"top-5 {res['top5']:.2f} %  ({res['images']} images, {res['seconds']:.1f} s)")
+    return 0
+
+
+def _cmd_qat(args) -> int:
+    from .pipeline import QATJob, qat_job
+    from .qat import QATConfig
+
+    qcfg = QATConfig(epochs=args.epochs or 1, steps=args.steps, lr=args.lr, batch_size=args.qat_batch_size,
+                     weight_decay=args.weight_decay, distill=args.distill, seed=args.seed)
+    job = QATJob(args.assignment, args.out, args.resume, args.model, args.checkpoint, args.data, args.bits,
+                 args.calib_size, args.eval_size, args.batch_size, args.device, progress=not args.quiet)
+    res = qat_job(job, qcfg)
+    if res:
+        print(f"{res['model']} {res['bits']}-bit: top-1 PTQ {res['top1_ptq']:.2f} % -> QAT {res['top1_qat']:.2f} % "
+              f"({len(res['history'])} evaluations, {res['qat_seconds']:.0f} s); wrote {job.out or job.resume or 'runs/qat'}")
     return 0
 
 
@@ -158,6 +205,29 @@ def _cmd_pretrain(args) -> int:
     rec = pretrain(args.name, args.out or f"runs/pretrain-{args.name}", args.epochs, args.device or default_device(),
                    data_path or None, resume=not args.no_resume, quiet=args.quiet)
     print(f"{args.name}: test top-1 {rec['top1']:.2f} % after {rec['epochs']} epochs ({rec['seconds']:.0f} s on {rec['device']})")
+    return 0
+
+
+REPORT_EXAMPLES = """examples:
+  mnq-search report runs/default                       # Figures 1-2 and Tables 3-4 of one run
+  mnq-search report studies/strategies --no-histograms --out /tmp/report
+  mnq-search report runs/default --slots blocks.5.attn.softmax,blocks.11.attn.softmax --images 128
+"""
+
+
+def _cmd_report(args) -> int:
+    from .report import make_report
+
+    slots = None
+    if args.slots is not None:
+        slots = [s.strip() for s in args.slots.split(",") if s.strip()]
+        if not slots:
+            raise UsageError("--slots needs at least one slot name, e.g. --slots blocks.0.attn.softmax")
+    report = make_report(args.dir, args.out, slots, args.images, not args.no_histograms, args.device,
+                         progress=not args.quiet)
+    for reason in report.skipped:
+        print(f"skipped: {reason}")
+    print(f"wrote {report.index} ({len(report.plots)} plots, {len(report.tables)} table files)")
     return 0
 
 
@@ -187,7 +257,8 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "pretrain": _cmd_pretrain, "list": _cmd_list}
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "qat": _cmd_qat, "pretrain": _cmd_pretrain, "report": _cmd_report,
+            "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,6 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mnq-search: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from . import distributed
+
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -124,14 +124,23 @@ def normalize_fmnist(images_u8: torch.Tensor, pad_to: int | None = None) -> torc
     return x
 
 
-def augment_shift_flip(images_u8: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
-    """Random shift by up to ``max_shift`` pixels (zero padding, then crop) and horizontal flip, batched."""
+def shift_flip_params(n: int, generator: torch.Generator, max_shift: int = 2) -> tuple[torch.Tensor, ...]:
+    """Per-sample (dy, dx, flip) for :func:`augment_shift_flip`, drawn on the CPU from ``generator``."""
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return dy, dx, flip
+
+
+def augment_shift_flip(images_u8: torch.Tensor, generator: torch.Generator | None, max_shift: int = 2,
+                       params: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Random shift by up to ``max_shift`` pixels (zero padding, then crop) and horizontal flip, batched.
+    ``params`` (from :func:`shift_flip_params`) replaces the draw from ``generator``."""
     n, c, h, w = images_u8.shape
     dev = images_u8.device
     padded = torch.nn.functional.pad(images_u8, (max_shift,) * 4)
-    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator, device="cpu").to(dev)
-    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator, device="cpu").to(dev)
-    flip = (torch.rand(n, generator=generator, device="cpu") < 0.5).to(dev)
+    dy, dx, flip = params if params is not None else shift_flip_params(n, generator, max_shift)
+    dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
     rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])  # (n, h)
     cols = torch.arange(w, device=dev)[None, :].expand(n, w)
     cols = torch.where(flip[:, None], (w - 1) - cols, cols) + dx[:, None]  # (n, w)
@@ -178,6 +187,36 @@ class DataSource:
     def eval_size(self, n: int | None) -> int:
         raise NotImplementedError
 
+    def train_batches(self, epoch: int, batch_size: int, seed: int, holdout: int = 0, rank: int = 0,
+                      world: int = 1) -> Batches:
+        """Augmented training batches of one epoch: a permutation of the training split (minus the
+        ``holdout`` images) that depends only on (seed, epoch); each *global* batch of ``batch_size``
+        is cut into ``world`` interleaved slices and this rank gets slice ``rank`` (last partial
+        batch dropped), with the same augmentation it would get in a single process."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self, batch_size: int, holdout: int = 0) -> int:
+        raise NotImplementedError
+
+    def holdout_batches(self, n: int, batch_size: int) -> Batches:
+        """The ``n`` held-out training images (never used by :meth:`train_batches` with the same
+        ``holdout``), for model selection without touching the test split."""
+        raise NotImplementedError
+
+
+HOLDOUT_SEED = 1234  # the held-out part of the training split is fixed, whatever --seed is
+
+
+def _holdout_split(n_total: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if holdout < 0 or holdout >= n_total:
+        raise UsageError(f"holdout size must be in [0, {n_total}), got {holdout}")
+    perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return perm[: n_total - holdout].sort().values, perm[n_total - holdout:].sort().values
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
 
 class FmnistSource(DataSource):
     def __init__(self, path: str | None = None, pad_to: int | None = None, download: bool = False):
@@ -195,6 +234,24 @@ class FmnistSource(DataSource):
     def eval_size(self, n):
         return len(self.test) if n is None else min(n, len(self.test))
 
+    def steps_per_epoch(self, batch_size, holdout=0):
+        return (len(self.train) - holdout) // batch_size
+
+    def train_batches(self, epoch, batch_size, seed, holdout=0, rank=0, world=1, max_shift=2):
+        keep, _ = _holdout_split(len(self.train), holdout)
+        order = keep[_epoch_order(len(keep), seed, epoch)]
+        for step in range(len(order) // batch_size):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            g = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_000_003 + step)
+            params = [p[rank::world] for p in shift_flip_params(batch_size, g, max_shift)]
+            idx = idx[rank::world]
+            imgs = augment_shift_flip(self.train.images[idx], None, max_shift, params=tuple(params))
+            yield normalize_fmnist(imgs, self.pad_to), self.train.labels[idx]
+
+    def holdout_batches(self, n, batch_size):
+        _, held = _holdout_split(len(self.train), n)
+        return iterate_batches(self.train.subset(held), batch_size, self.pad_to)
+
 
 class ImageFolderSource(DataSource):
     """``PATH/train`` and ``PATH/val`` (or class folders directly in PATH, used for both), read with
@@ -209,6 +266,7 @@ class ImageFolderSource(DataSource):
             raise UsageError(f"image folder not found: {root}")
         cfg = resolve_data_config({}, model=model)
         tf = create_transform(**cfg)
+        train_tf = create_transform(**cfg, is_training=True)
         train_dir = root / "train" if (root / "train").is_dir() else root
         val_dir = root / "val" if (root / "val").is_dir() else root
         try:
@@ -218,6 +276,7 @@ class ImageFolderSource(DataSource):
             raise UsageError(f"image folder {root} has no images: {str(exc).splitlines()[0]}") from None
         if len(self.train) == 0 or len(self.val) == 0:
             raise UsageError(f"image folder {root} has no images")
+        self.train_aug = ImageFolder(str(train_dir), transform=train_tf)
         self.spec = f"imagefolder:{path}"
         self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
@@ -235,6 +294,27 @@ class ImageFolderSource(DataSource):
 
     def eval_size(self, n):
         return len(self.val) if n is None else min(n, len(self.val))
+
+    def steps_per_epoch(self, batch_size, holdout=0):
+        return (len(self.train) - holdout) // batch_size
+
+    def train_batches(self, epoch, batch_size, seed, holdout=0, rank=0, world=1):
+        from torch.utils.data import DataLoader, Subset
+
+        keep, _ = _holdout_split(len(self.train), holdout)
+        order = keep[_epoch_order(len(keep), seed, epoch)]
+        steps = len(order) // batch_size
+        mine = order[: steps * batch_size].view(steps, batch_size)[:, rank::world].reshape(-1)
+        torch.manual_seed(seed * 100_003 + epoch + 7919 * rank)  # the random crops of this epoch
+        loader = DataLoader(Subset(self.train_aug, mine.tolist()), batch_size=batch_size // world,
+                            shuffle=False, num_workers=self.workers, drop_last=True)
+        return iter(loader)
+
+    def holdout_batches(self, n, batch_size):
+        from torch.utils.data import DataLoader, Subset
+
+        _, held = _holdout_split(len(self.train), n)
+        return iter(DataLoader(Subset(self.train, held.tolist()), batch_size=batch_size, num_workers=self.workers))
 
 
 def open_data(spec: str | None, model: torch.nn.Module, default: str | None = None, input_size: int = 28,

@@ -49,6 +49,7 @@ class RunConfig:
     device: str | None = None
     asqnr_form: str = "amplitude"
     sensitivity: bool = False  # force the sensitivity pass for strategies that do not need it
+    qat_epochs: int = 0  # > 0: QAT after the assignment is chosen (default QAT settings otherwise)
     download: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -123,10 +124,24 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     qres = evaluate(qmodel, data.eval_batches(cfg.eval_size, cfg.batch_size, EVAL_SEED), device,
                     cfg.progress, "quantized eval")
     timings["quant_eval_s"] = time.perf_counter() - t
+    history = None
+    if cfg.qat_epochs > 0:
+        from .qat import QATConfig, make_eval_fn, train_qat
+
+        t = time.perf_counter()
+        qcfg = QATConfig(epochs=cfg.qat_epochs, seed=cfg.seed)
+        history = train_qat(qmodel, data, qcfg, device, None, progress=cfg.progress,
+                            eval_fn=make_eval_fn(data, cfg.eval_size, cfg.batch_size, device, seed=EVAL_SEED))
+        timings["qat_s"] = time.perf_counter() - t
     timings["wall_s"] = time.perf_counter() - t_start
 
     result = _record(cfg, info, data, strategy.full_name, assignment, slot_ops, fp, qres, timings, device)
     result["sensitivity_measured"] = rows is not None
+    if history:
+        result["qat_epochs"] = cfg.qat_epochs
+        result["top1_ptq"] = result["top1_quant"]
+        result["top1_quant"] = history[-1]["top1"]
+        result["qat_history"] = history
     write_outputs(Path(cfg.out), result, assignment, rows, cfg)
     return result
 
@@ -250,3 +265,71 @@ def _append_results_csv(path: Path, row: dict) -> None:
         w.writeheader()
     w.writerow(flat)
     atomic_write_text(path, old + buf.getvalue())
+
+
+@dataclass
+class QATJob:
+    assignment: str
+    out: str | None = None
+    resume: str | None = None
+    model: str | None = None
+    checkpoint: str | None = None
+    data: str | None = None
+    bits: int | None = None
+    calib_size: int = 128
+    eval_size: int | None = 2000
+    eval_batch_size: int = 250
+    device: str | None = None
+    progress: bool = True
+
+
+def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
+    """``mnq-search qat``: calibrate the assigned model, train it, evaluate after every epoch, and write
+    history.csv, checkpoint.pt, slot_asqnr.csv (per-slot output ASQNR after QAT, against the float
+    model: the paper's Figure 3), qat_model.safetensors and result.json into ``out``."""
+    from . import distributed as dist
+    from .io import read_json, save_weights
+    from .plan import save_assignment
+    from .qat import history_csv, make_eval_fn, train_qat
+    from .sensitivity import measure_slots
+
+    out = Path(job.out or job.resume or "runs/qat")
+    if job.resume and not (Path(job.resume) / "checkpoint.pt").is_file():
+        raise UsageError(f"nothing to resume: {Path(job.resume) / 'checkpoint.pt'} not found")
+    meta = read_json(job.assignment, "assignment file")
+    bits = job.bits or (meta.get("bits") if isinstance(meta, dict) else None) or 8
+    model_name = job.model or (meta.get("model") if isinstance(meta, dict) else None)
+    _check_common(bits, job.calib_size, job.eval_size, job.eval_batch_size)
+    qcfg.validate()
+    device = dist.init(job.device or default_device())
+    model, info, data = prepare(model_name, job.checkpoint, job.data)
+    model = model.to(device)
+    qmodel = convert_model(model, bits).to(device)
+    assignment, _ = load_assignment(job.assignment, qmodel.slot_ops())
+    qmodel.set_assignment(assignment)
+    calibrate(qmodel, data.calib_batches(job.calib_size, job.eval_batch_size, qcfg.seed), device)
+    eval_fn = make_eval_fn(data, job.eval_size, job.eval_batch_size, device, seed=EVAL_SEED, progress=job.progress)
+    top1_ptq = eval_fn(qmodel) if dist.is_main() else None
+    t = time.perf_counter()
+    history = train_qat(qmodel, data, qcfg, device, out, teacher=model if qcfg.distill else None,
+                        resume=bool(job.resume), eval_fn=eval_fn, progress=job.progress)
+    seconds = time.perf_counter() - t
+    result = {}
+    if dist.is_main():
+        float_ref = convert_model(model, bits).to(device).set_quant(False)
+        slot_rows = measure_slots(float_ref, {"qat": qmodel},
+                                  data.calib_batches(min(job.calib_size, 64), 32, qcfg.seed), device)
+        atomic_write_text(out / "slot_asqnr.csv", "slot,op,asqnr_out\n" + "".join(
+            f"{r['slot']},{r['op']},{r['asqnr_out']}\n" for r in slot_rows))
+        atomic_write_text(out / "history.csv", history_csv(history))
+        save_weights(qmodel, out / "qat_model.safetensors", dtype=torch.float32)
+        save_assignment(out / "assignment.json", assignment, model=info.name, bits=bits,
+                        strategy=meta.get("strategy") if isinstance(meta, dict) else None)
+        result = {"strategy": meta.get("strategy") if isinstance(meta, dict) else None, "model": info.name,
+                  "bits": bits, "counts": counts(assignment, qmodel.slot_ops()), "top1_ptq": top1_ptq,
+                  "top1_qat": history[-1]["top1"] if history else None, "history": history,
+                  "qat": asdict(qcfg), "world_size": dist.world(), "qat_seconds": round(seconds, 1),
+                  "device": device_name(device), "date": _dt.datetime.now().isoformat(timespec="seconds")}
+        atomic_write_json(out / "result.json", result)
+    dist.barrier()
+    return result

@@ -99,17 +99,19 @@ def build_method_models(qmodel: QuantModel, methods: Iterable[str], calib_batche
 
 
 @torch.inference_mode()
-def measure_sensitivity(float_model: QuantModel, method_models: Mapping[str, QuantModel],
-                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device="cpu",
-                        form: str = "amplitude", progress: bool = False) -> list[dict]:
-    """Rows ``slot, op, method, asqnr_in, asqnr_out, sqnr_diff`` for every slot and every method
-    valid for the slot's op. ``float_model`` must have quantization off (``set_quant(False)``)."""
+def measure_slots(float_model: QuantModel, models: Mapping[str, QuantModel],
+                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device="cpu", form: str = "amplitude",
+                  valid=None, progress: bool = False) -> list[dict]:
+    """Per-slot ASQNR of each labelled model's slot inputs and outputs against ``float_model``
+    (quantization off), all slots in one forward pass per model. ``valid(label, op)`` says which
+    (model, slot) pairs to measure (default: all). Rows: slot, op, label, asqnr_in, asqnr_out, sqnr_diff."""
     if form not in ASQNR_FORMS:
         raise UsageError(f"unknown ASQNR form {form!r}; choose from: {', '.join(ASQNR_FORMS)}")
+    valid = valid or (lambda label, op: True)
     slot_ops = float_model.slot_ops()
     acc: dict[tuple[str, str, str], _Acc] = {}
     float_model.eval()
-    for m in method_models.values():
+    for m in models.values():
         m.eval()
     for x, _ in tqdm(batches, desc="sensitivity", disable=not progress, leave=False):
         x = x.to(device)
@@ -121,13 +123,13 @@ def measure_sensitivity(float_model: QuantModel, method_models: Mapping[str, Qua
 
         with recording(float_model, keep):
             float_model(x)
-        for method, model in method_models.items():
-            def compare(name, x_in, y, method=method):
-                if method not in methods_for(slot_ops[name]):
+        for label, model in models.items():
+            def compare(name, x_in, y, label=label):
+                if not valid(label, slot_ops[name]):
                     return
                 fx, fy = ref[name]
-                acc.setdefault((method, name, "in"), _Acc()).add(fx, x_in.reshape(b, -1).float())
-                acc.setdefault((method, name, "out"), _Acc()).add(fy, y.reshape(b, -1).float())
+                acc.setdefault((label, name, "in"), _Acc()).add(fx, x_in.reshape(b, -1).float())
+                acc.setdefault((label, name, "out"), _Acc()).add(fy, y.reshape(b, -1).float())
 
             with recording(model, compare):
                 model(x)
@@ -135,11 +137,22 @@ def measure_sensitivity(float_model: QuantModel, method_models: Mapping[str, Qua
         raise UsageError("calibration data is empty")
     rows = []
     for name, op in slot_ops.items():
-        for method in method_models:
-            if (method, name, "in") not in acc:
+        for label in models:
+            if (label, name, "in") not in acc:
                 continue
-            a_in = acc[(method, name, "in")].asqnr(form)
-            a_out = acc[(method, name, "out")].asqnr(form)
-            rows.append(dict(slot=name, op=op, method=method, asqnr_in=round(a_in, 4),
+            a_in = acc[(label, name, "in")].asqnr(form)
+            a_out = acc[(label, name, "out")].asqnr(form)
+            rows.append(dict(slot=name, op=op, label=label, asqnr_in=round(a_in, 4),
                              asqnr_out=round(a_out, 4), sqnr_diff=round(a_out - a_in, 4)))
     return rows
+
+
+def measure_sensitivity(float_model: QuantModel, method_models: Mapping[str, QuantModel],
+                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device="cpu",
+                        form: str = "amplitude", progress: bool = False) -> list[dict]:
+    """Rows ``slot, op, method, asqnr_in, asqnr_out, sqnr_diff`` for every slot and every method
+    valid for the slot's op. ``float_model`` must have quantization off (``set_quant(False)``)."""
+    rows = measure_slots(float_model, method_models, batches, device, form,
+                         valid=lambda method, op: method in methods_for(op), progress=progress)
+    return [dict(slot=r["slot"], op=r["op"], method=r["label"], asqnr_in=r["asqnr_in"], asqnr_out=r["asqnr_out"],
+                 sqnr_diff=r["sqnr_diff"]) for r in rows]

@@ -71,8 +71,12 @@ class NonLinearSlot(nn.Module):
             return
         impl = make_nonlinear(self.op, method, self.bits, self.float_module)
         if self.op == "layernorm" and self.float_module is not None:
-            impl.weight = self.float_module.weight  # share, so QAT trains one set of parameters
-            impl.bias = self.float_module.bias
+            # share the float LayerNorm's parameters, so QAT trains one set and the state dict holds
+            # them once (under float_module); the method keeps plain references, not registrations
+            for name in ("weight", "bias"):
+                if getattr(impl, name, None) is not None:
+                    delattr(impl, name)
+                    object.__setattr__(impl, name, getattr(self.float_module, name))
         self.impl = impl.to(self.q_in.observer.min_val.device)
         if self.q_in.bits != impl.in_bits:
             self.q_in = ActQuant(impl.in_bits).to(self.q_in.observer.min_val.device)

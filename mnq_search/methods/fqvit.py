@@ -13,6 +13,7 @@ from torch import nn
 
 from ..quant._fake_quant import qrange, symmetric_scale
 from ..quant._observer import MinMaxObserver
+from ..distributed import all_reduce_
 from ._base import AffineLayerNorm, NonLinearMethod
 from ._intops import (as_kind, bitlen, check_range, dyadic, exp_to_uint16, floor_div, i_exp, isqrt, round_div,
                       round_shr, shl, shr)
@@ -99,7 +100,7 @@ class FQViTLayerNorm(AffineLayerNorm):
             sc = s8 / 2 ** (PTF_LEVELS - 1 - a)
             u = torch.clamp(torch.floor(xd / sc + 0.5) + zp, 0, levels)
             errs.append(((xd - (u - zp) * sc) ** 2).sum(dim=0))
-        alpha = torch.stack(errs).argmin(dim=0)
+        alpha = all_reduce_(torch.stack(errs), "sum").argmin(dim=0)  # errors of the global batch
         if self.alpha.shape != alpha.shape:
             self.alpha = torch.zeros_like(alpha)
         self.alpha.copy_(alpha)

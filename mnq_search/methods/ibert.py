@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_reduce_
 from ._base import AffineLayerNorm, NonLinearMethod
 from ._intops import (as_kind, bitlen, check_range, exp_to_uint16, floor_div, i_exp, isqrt, ln_affine_bias,
                       ln_center, ln_normalize, mul_shr, prescale, shl, shr)
@@ -112,7 +113,7 @@ class IBertLayerNorm(AffineLayerNorm):
     def observe(self, x, s_x):
         q = torch.floor(x.double() / float(s_x) + 0.5)
         y = ln_center(q)
-        var_max = (y * y).sum(dim=-1).max()
+        var_max = all_reduce_((y * y).sum(dim=-1).max(), "max")
         need = torch.clamp(torch.ceil((bitlen(var_max) - 31) / 2), min=0).to(torch.int64)
         self.var_shift.copy_(torch.maximum(self.var_shift, need))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_
+
 
 class MinMaxObserver(nn.Module):
     """EMA of the batch min and max: ``v = momentum * v + (1 - momentum) * batch_v``.
@@ -39,6 +41,8 @@ class MinMaxObserver(nn.Module):
     def update(self, x: torch.Tensor) -> None:
         """Fold one batch into the range (no host synchronization, so cheap inside QAT on GPU)."""
         lo, hi = self._reduce(x.detach().float())
+        all_reduce_(lo, "min")  # data-parallel: the range of the global batch on every rank
+        all_reduce_(hi, "max")
         if self.min_val.shape != lo.shape:
             self.min_val = torch.zeros_like(lo)
             self.max_val = torch.zeros_like(hi)

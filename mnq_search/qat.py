@@ -1,0 +1,229 @@
+"""Quantization-aware training (QAT) of a converted model: STE, AdamW, warm-up + cosine schedule.
+
+The paper's accuracy comes from QAT after the assignment is chosen (STE, AdamW; I-ViT's recipe:
+lr 1e-6 on ImageNet, min lr = lr/15, cosine, weight decay 1e-4, batch 128, drop-path 0.1, label
+smoothing 0.1). Activation ranges keep following the batches during training (EMA), frozen in
+evaluation. Optional knowledge distillation from the float model (logits KL; not in the paper).
+
+Exact resume: the data order and augmentation of an epoch are functions of (seed, epoch), and
+a checkpoint written after every epoch holds the model (weights, ranges, calibrated state), the
+optimizer, the step, the history and the RNG states, so a run interrupted anywhere and resumed
+from its last checkpoint ends with the weights of an uninterrupted run.
+
+Data parallel under ``torchrun --nproc-per-node N``: DDP averages gradients; observers reduce
+their batch ranges across ranks, so N processes with a global batch B compute what one process
+with batch B computes. Rank 0 alone writes files and shows progress.
+
+Mixed precision on CUDA: TF32 matmuls (8-bit integer operands and their fp32 sums are exact in
+TF32, so the quantizer arithmetic is unchanged); bf16 autocast is *not* used for the quantized
+model (it rounds the accumulators), only for a distillation teacher.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import distributed as dist
+from .calibrate import evaluate
+from .convert import QuantModel
+from .data import DataSource
+from .errors import UsageError
+from .io import atomic_path, atomic_write_text
+
+HISTORY_FIELDS = ("epoch", "step", "loss", "top1", "images_per_s")
+
+
+@dataclass
+class QATConfig:
+    epochs: int = 1
+    steps: int | None = None  # total optimizer steps; overrides epochs (short QAT rounds)
+    lr: float = 5e-5
+    min_lr_ratio: float = 1 / 15
+    warmup_frac: float = 0.05
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    label_smoothing: float = 0.1
+    distill: bool = False
+    distill_alpha: float = 0.5  # loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
+    distill_temp: float = 1.0
+    holdout: int = 0  # training images held out (never trained on)
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs <= 0 and not self.steps:
+            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+        if self.steps is not None and self.steps <= 0:
+            raise UsageError(f"--steps must be positive, got {self.steps}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.batch_size <= 0 or self.batch_size % dist.world():
+            raise UsageError(f"--batch-size must be a positive multiple of the {dist.world()} processes, "
+                             f"got {self.batch_size}")
+
+
+def lr_at(step: int, total: int, cfg: QATConfig) -> float:
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine from lr to lr * min_lr_ratio."""
+    warm = max(1, int(total * cfg.warmup_frac))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, total - warm))
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """timm's convention: no weight decay on biases, norm weights, tokens and position embeddings."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "dist_token")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def history_csv(rows: list[dict]) -> str:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: r.get(k) for k in HISTORY_FIELDS} for r in rows)
+    return buf.getvalue()
+
+
+def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str = "cpu",
+              out: str | Path | None = None, teacher: torch.nn.Module | None = None, resume: bool = False,
+              eval_fn: Callable[[QuantModel], float] | None = None,
+              on_eval: Callable[[int, float], None] | None = None, progress: bool = True,
+              stop_after_steps: int | None = None) -> list[dict]:
+    """Train ``qmodel`` (calibrated) in place; returns the history (one row per evaluation).
+
+    Args:
+        qmodel: the converted, calibrated model (on ``device``).
+        data: training batches come from ``data.train_batches`` (minus ``cfg.holdout`` images).
+        out: folder for ``checkpoint.pt`` and ``history.csv`` (rank 0), or None for no files.
+        teacher: the float model for ``cfg.distill``.
+        resume: continue from ``out/checkpoint.pt`` if it exists.
+        eval_fn: returns the top-1 of the model (after each epoch, and at the end of a ``steps`` run).
+        on_eval: called with (step, top1) after each evaluation (e.g. an Optuna pruner's report).
+        stop_after_steps: stop (as if interrupted) after this many steps in this call (tests).
+    """
+    cfg.validate()
+    if cfg.distill and teacher is None:
+        raise UsageError("--distill needs the float model as teacher")
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size, cfg.holdout)
+    if steps_per_epoch <= 0:
+        raise UsageError(f"training data is smaller than one batch of {cfg.batch_size}")
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total / steps_per_epoch)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model = qmodel
+    ddp = None
+    if dist.is_dist():
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
+                                      broadcast_buffers=False)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    history: list[dict] = []
+    step, start_epoch = 0, 0
+    ckpt_path = Path(out) / "checkpoint.pt" if out else None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        st = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if st.get("config") != asdict(cfg):
+            raise UsageError(f"{ckpt_path} was written with other QAT settings; resume with the same ones")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, start_epoch, history = st["step"], st["epoch"], st["history"]
+        _set_rng_state(st["rng"])
+    else:
+        torch.manual_seed(cfg.seed)
+
+    steps_this_call = 0
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"QAT epoch {epoch + 1}/{epochs}",
+                   disable=not (progress and dist.is_main()), leave=False, mininterval=2)
+        for x, y in data.train_batches(epoch, cfg.batch_size, cfg.seed, cfg.holdout, dist.rank(), dist.world()):
+            if step >= total:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg)
+            logits = (ddp or model)(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if cfg.distill:
+                with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                                                     enabled=device.startswith("cuda")):
+                    t_logits = teacher(x).float()
+                kl = F.kl_div(F.log_softmax(logits / cfg.distill_temp, -1), F.log_softmax(t_logits / cfg.distill_temp, -1),
+                              reduction="batchmean", log_target=True) * cfg.distill_temp**2
+                loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            steps_this_call += 1
+            seen += x.shape[0] * dist.world()
+            loss_sum += loss.item()
+            n_loss += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                bar.close()
+                return history
+        bar.close()
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
+        top1 = None
+        if eval_fn is not None:
+            top1 = eval_fn(model) if dist.is_main() else None
+            if on_eval is not None and top1 is not None:
+                on_eval(step, top1)
+        history.append(dict(epoch=epoch + 1, step=step, loss=round(loss_sum / max(n_loss, 1), 5),
+                            top1=None if top1 is None else round(top1, 3), images_per_s=round(rate, 1)))
+        if ckpt_path is not None and dist.is_main():
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,
+                                history=history, rng=_rng_state(), config=asdict(cfg)), tmp)
+            atomic_write_text(Path(out) / "history.csv", history_csv(history))
+        dist.barrier()
+        if step >= total:
+            break
+    return history
+
+
+def make_eval_fn(data: DataSource, eval_size: int | None, batch_size: int, device: str, holdout: bool = False,
+                 seed: int = 0, progress: bool = False) -> Callable[[QuantModel], float]:
+    """top-1 on the test split's fixed subset, or on the held-out training images (``holdout``)."""
+
+    def fn(model) -> float:
+        batches = data.holdout_batches(eval_size, batch_size) if holdout else data.eval_batches(eval_size, batch_size, seed)
+        return evaluate(model, batches, device, progress, "eval")["top1"]
+
+    return fn
