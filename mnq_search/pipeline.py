@@ -108,8 +108,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     slot_ops = qmodel.slot_ops()
     rows = None
     if strategy.needs_sensitivity or cfg.sensitivity:
-        rows, sens_timing = sensitivity_pass(model, qmodel, data, cfg, device)
-        timings.update(sens_timing)
+        cache = cfg.extra.get("sensitivity_cache")  # studies share one table per (model, bits)
+        if cache and Path(cache).is_file():
+            rows = read_sensitivity_csv(cache)
+        else:
+            rows, sens_timing = sensitivity_pass(model, qmodel, data, cfg, device)
+            timings.update(sens_timing)
+            if cache:
+                atomic_write_text(cache, sensitivity_csv(rows))
     ctx = SearchContext(slot_ops=slot_ops, seed=cfg.seed, bits=cfg.bits, sensitivity=rows,
                         extra=dict(cfg.extra, model=model, qmodel=qmodel, data=data, device=device, config=cfg))
     strategy.before_search(ctx)
@@ -129,9 +135,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         from .qat import QATConfig, make_eval_fn, train_qat
 
         t = time.perf_counter()
-        qcfg = QATConfig(epochs=cfg.qat_epochs, seed=cfg.seed)
-        history = train_qat(qmodel, data, qcfg, device, None, progress=cfg.progress,
-                            eval_fn=make_eval_fn(data, cfg.eval_size, cfg.batch_size, device, seed=EVAL_SEED))
+        qcfg = QATConfig(**{"epochs": cfg.qat_epochs, "seed": cfg.seed, **cfg.extra.get("qat", {})})
+        eval_fn = make_eval_fn(data, cfg.eval_size, cfg.batch_size, device, seed=EVAL_SEED)
+        history = train_qat(qmodel, data, qcfg, device, None, progress=cfg.progress, eval_fn=eval_fn)
         timings["qat_s"] = time.perf_counter() - t
     timings["wall_s"] = time.perf_counter() - t_start
 
@@ -141,6 +147,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         result["qat_epochs"] = cfg.qat_epochs
         result["top1_ptq"] = result["top1_quant"]
         result["top1_quant"] = history[-1]["top1"]
+        result["top5_ptq"] = result["top5_quant"]
+        result["top5_quant"] = round(eval_fn.last["top5"], 3)
         result["qat_history"] = history
     write_outputs(Path(cfg.out), result, assignment, rows, cfg)
     return result
@@ -203,6 +211,15 @@ def _count_ops(slot_ops) -> dict[str, int]:
     for op in slot_ops.values():
         out[op] += 1
     return out
+
+
+def read_sensitivity_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        for k in ("asqnr_in", "asqnr_out", "sqnr_diff"):
+            r[k] = float(r[k])
+    return rows
 
 
 def sensitivity_csv(rows: list[dict]) -> str:

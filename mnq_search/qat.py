@@ -220,10 +220,13 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
 
 def make_eval_fn(data: DataSource, eval_size: int | None, batch_size: int, device: str, holdout: bool = False,
                  seed: int = 0, progress: bool = False) -> Callable[[QuantModel], float]:
-    """top-1 on the test split's fixed subset, or on the held-out training images (``holdout``)."""
+    """top-1 on the test split's fixed subset, or on the held-out training images (``holdout``);
+    the full result of the latest call (top-5, image count) is kept in ``fn.last``."""
 
     def fn(model) -> float:
         batches = data.holdout_batches(eval_size, batch_size) if holdout else data.eval_batches(eval_size, batch_size, seed)
-        return evaluate(model, batches, device, progress, "eval")["top1"]
+        fn.last = evaluate(model, batches, device, progress, "eval")
+        return fn.last["top1"]
 
+    fn.last = None
     return fn
