@@ -19,20 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mnq_search.methods._intops as intops  # noqa: E402
 import mnq_search.methods.ibert as ibert  # noqa: E402
-from mnq_search.quant import NONLINEAR_METHODS, make_nonlinear  # noqa: E402
-from mnq_search.testing import affine_layernorm, realistic_input, sqnr_db  # noqa: E402
+from mnq_search.quant import NONLINEAR_METHODS  # noqa: E402
+from mnq_search.testing import method_sqnr  # noqa: E402
 
 
-def measure(op, method, bits):
-    x, s = realistic_input(op, bits)
-    mod = make_nonlinear(op, method, bits, affine_layernorm(x.shape[-1]) if op == "layernorm" else None)
-    mod.train()
-    with torch.no_grad():
-        mod(x, s)
-    mod.eval()
-    with torch.no_grad():
-        y, _ = mod(x, s)
-        return sqnr_db(mod.float_op(x, *mod.grad_params()), y), float(s)
+measure = method_sqnr
 
 
 def main():

@@ -26,21 +26,13 @@ def _unsupported(what: str, path: str) -> UsageError:
     return UsageError(f"{path}: {what} is not supported by mnq-search's integer attention")
 
 
-class QuantAttention(nn.Module):
-    """timm ``vision_transformer.Attention`` with an integer softmax slot and integer matmuls."""
+class _QuantAttentionBase(nn.Module):
+    """What both attentions share: quantized qkv, the two integer matmuls, the softmax slot, proj."""
 
     def __init__(self, attn: nn.Module, bits: int, path: str):
         super().__init__()
-        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
-            raise _unsupported("qk_norm", path)
-        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
-            raise _unsupported("scale_norm", path)
-        if getattr(attn, "gate", None) is not None:
-            raise _unsupported("gated attention", path)
         self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
         self.scale = attn.scale
-        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.qkv = QLinear(attn.qkv, bits)
         self.q_qkv = ActQuant(bits)
         self.matmul_qk = QuantMatMul()
@@ -50,20 +42,46 @@ class QuantAttention(nn.Module):
         self.proj = QLinear(attn.proj, bits)
         self.proj_drop = attn.proj_drop
 
+    def _qkv(self, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
+        """(q, k, v) on one per-tensor grid, and its scale."""
+        B, N, _ = x.shape
+        qkv, s = self.q_qkv(self.qkv(x))
+        q, k, v = qkv.reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, s
+
+    def _attend(self, logits: torch.Tensor, v: torch.Tensor, s_v, masked: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax slot, then attn v on the softmax's output grid (dropout breaks the grid: float then)."""
+        p = self.attn_drop(self.softmax(logits, masked))
+        on_grid = not self.training or self.attn_drop.p == 0
+        out, _ = self.matmul_av(p, self.softmax.out_scale if on_grid else None, v, s_v)
+        return out
+
+
+class QuantAttention(_QuantAttentionBase):
+    """timm ``vision_transformer.Attention`` with an integer softmax slot and integer matmuls."""
+
+    def __init__(self, attn: nn.Module, bits: int, path: str):
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+            raise _unsupported("qk_norm", path)
+        if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            raise _unsupported("scale_norm", path)
+        if getattr(attn, "gate", None) is not None:
+            raise _unsupported("gated attention", path)
+        super().__init__(attn, bits, path)
+        self.head_dim = attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise UsageError("attention masks are not supported for ViT/DeiT conversion")
         B, N, _ = x.shape
-        qkv, s = self.q_qkv(self.qkv(x))
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v, s = self._qkv(x, self.head_dim)
         logits, _ = self.matmul_qk(q, s, k.transpose(-2, -1), s)
-        p = self.attn_drop(self.softmax(logits * self.scale))
-        out, _ = self.matmul_av(p, self.softmax.out_scale if not self.training or self.attn_drop.p == 0 else None, v, s)
-        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self.proj_drop(self.proj(out))
+        out = self._attend(logits * self.scale, v, s)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.attn_dim)))
 
 
-class QuantWindowAttention(nn.Module):
+class QuantWindowAttention(_QuantAttentionBase):
     """timm ``swin_transformer.WindowAttention`` with an integer softmax slot and integer matmuls.
 
     The relative position bias is added to the logits before the softmax slot quantizes them
@@ -72,20 +90,11 @@ class QuantWindowAttention(nn.Module):
     """
 
     def __init__(self, attn: nn.Module, bits: int, path: str):
-        super().__init__()
-        self.num_heads = attn.num_heads
-        self.scale = attn.scale
+        super().__init__(attn, bits, path)
         self.window_area = attn.window_area
+        self.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        self.qkv = QLinear(attn.qkv, bits)
-        self.q_qkv = ActQuant(bits)
-        self.matmul_qk = QuantMatMul()
-        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", bits)
-        self.attn_drop = attn.attn_drop
-        self.matmul_av = QuantMatMul()
-        self.proj = QLinear(attn.proj, bits)
-        self.proj_drop = attn.proj_drop
 
     def _get_rel_pos_bias(self) -> torch.Tensor:
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -93,8 +102,7 @@ class QuantWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, C = x.shape
-        qkv, s = self.q_qkv(self.qkv(x))
-        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v, s = self._qkv(x, self.head_dim)
         logits, _ = self.matmul_qk(q, s, k.transpose(-2, -1), s)
         logits = logits * self.scale + self._get_rel_pos_bias()
         masked = None
@@ -103,7 +111,5 @@ class QuantWindowAttention(nn.Module):
             logits = logits.view(-1, num_win, self.num_heads, N, N)
             masked = (mask < -1.0).view(1, num_win, 1, N, N).expand_as(logits).reshape(-1, self.num_heads, N, N)
             logits = logits.reshape(-1, self.num_heads, N, N)
-        p = self.attn_drop(self.softmax(logits, masked))
-        out, _ = self.matmul_av(p, self.softmax.out_scale if not self.training or self.attn_drop.p == 0 else None, v, s)
-        out = out.transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(out))
+        out = self._attend(logits, v, s, masked)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B_, N, -1)))

@@ -79,3 +79,19 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10.0 * torch.log10((ref**2).sum() / noise))
+
+
+def method_sqnr(op: str, method: str, bits: int, seed: int = 0) -> tuple[float, float]:
+    """(SQNR in dB of ``method`` against the exact float op on the same quantized realistic input,
+    the input scale); LayerNorm methods are calibrated on the input first."""
+    from .quant import make_nonlinear
+
+    x, s = realistic_input(op, bits, seed)
+    mod = make_nonlinear(op, method, bits, affine_layernorm(x.shape[-1]) if op == "layernorm" else None)
+    mod.train()
+    with torch.no_grad():
+        mod(x, s)
+    mod.eval()
+    with torch.no_grad():
+        y, _ = mod(x, s)
+        return sqnr_db(mod.float_op(x, *mod.grad_params()), y), float(s)
