@@ -17,8 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mnq_search.methods._intops as intops  # noqa: E402
-import mnq_search.methods.ibert as ibert  # noqa: E402
 from mnq_search.quant import NONLINEAR_METHODS  # noqa: E402
 from mnq_search.testing import method_sqnr  # noqa: E402
 
@@ -42,14 +40,7 @@ def main():
             (a8, s8), (a6, s6) = measure(op, m, 8), measure(op, m, 6)
             row = f"| {op} | {m} | {a8:.2f} | {a6:.2f} | {s8:.4g} | {s6:.4g} |"
             if args.fine_grid:
-                saved = intops.IEXP_S_RANGE, intops.SHIFT_EXP_S_RANGE, ibert.GELU_S_RANGE
-                intops.IEXP_S_RANGE = (saved[0][0], 2**-6)
-                intops.SHIFT_EXP_S_RANGE = (saved[1][0], 2**-6)
-                ibert.GELU_S_RANGE = (saved[2][0], 2**-6)
-                try:
-                    (f8, _), (f6, _) = measure(op, m, 8), measure(op, m, 6)
-                finally:
-                    intops.IEXP_S_RANGE, intops.SHIFT_EXP_S_RANGE, ibert.GELU_S_RANGE = saved
+                (f8, _), (f6, _) = measure(op, m, 8, fine_grid=True), measure(op, m, 6, fine_grid=True)
                 row += f" {f8:.2f} | {f6:.2f} |"
             print(row)
 

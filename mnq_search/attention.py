@@ -29,14 +29,14 @@ def _unsupported(what: str, path: str) -> UsageError:
 class _QuantAttentionBase(nn.Module):
     """What both attentions share: quantized qkv, the two integer matmuls, the softmax slot, proj."""
 
-    def __init__(self, attn: nn.Module, bits: int, path: str):
+    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False):
         super().__init__()
         self.num_heads = attn.num_heads
         self.scale = attn.scale
         self.qkv = QLinear(attn.qkv, bits)
         self.q_qkv = ActQuant(bits)
         self.matmul_qk = QuantMatMul()
-        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", bits)
+        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", bits, fine_grid=fine_grid)
         self.attn_drop = attn.attn_drop
         self.matmul_av = QuantMatMul()
         self.proj = QLinear(attn.proj, bits)
@@ -60,14 +60,14 @@ class _QuantAttentionBase(nn.Module):
 class QuantAttention(_QuantAttentionBase):
     """timm ``vision_transformer.Attention`` with an integer softmax slot and integer matmuls."""
 
-    def __init__(self, attn: nn.Module, bits: int, path: str):
+    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False):
         if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
             raise _unsupported("qk_norm", path)
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             raise _unsupported("scale_norm", path)
         if getattr(attn, "gate", None) is not None:
             raise _unsupported("gated attention", path)
-        super().__init__(attn, bits, path)
+        super().__init__(attn, bits, path, fine_grid)
         self.head_dim = attn.head_dim
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
 
@@ -89,8 +89,8 @@ class QuantWindowAttention(_QuantAttentionBase):
     boolean that the slot applies as an integer after quantization (spec trap 5).
     """
 
-    def __init__(self, attn: nn.Module, bits: int, path: str):
-        super().__init__(attn, bits, path)
+    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False):
+        super().__init__(attn, bits, path, fine_grid)
         self.window_area = attn.window_area
         self.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         self.relative_position_bias_table = attn.relative_position_bias_table

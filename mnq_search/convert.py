@@ -60,10 +60,11 @@ class QuantModel(nn.Module):
         bits: its bit-width.
     """
 
-    def __init__(self, model: nn.Module, bits: int):
+    def __init__(self, model: nn.Module, bits: int, fine_grid: bool = False):
         super().__init__()
         self.model = model
         self.bits = bits
+        self.fine_grid = fine_grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -111,7 +112,7 @@ class QuantModel(nn.Module):
 
 
 def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str] | None = None,
-                  inplace: bool = False) -> QuantModel:
+                  inplace: bool = False, fine_grid: bool = False) -> QuantModel:
     """Quantize a timm ``VisionTransformer`` (ViT, DeiT) or ``SwinTransformer``.
 
     Args:
@@ -119,6 +120,7 @@ def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str]
         bits: weight and activation bit-width (4..8).
         assignment: slot -> method; slots not named stay ``"float"``.
         inplace: convert ``model`` itself instead of a deep copy.
+        fine_grid: every method's exp/erf kernel on a grid no coarser than 2**-6 (off: the references').
 
     Returns:
         A :class:`QuantModel`, uncalibrated (see :mod:`mnq_search.calibrate`).
@@ -134,23 +136,23 @@ def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str]
         model = copy.deepcopy(model)
     for path, mod in list(model.named_modules()):
         if isinstance(mod, Attention):
-            _set_submodule(model, path, QuantAttention(mod, bits, path))
+            _set_submodule(model, path, QuantAttention(mod, bits, path, fine_grid))
         elif isinstance(mod, WindowAttention):
-            _set_submodule(model, path, QuantWindowAttention(mod, bits, path))
+            _set_submodule(model, path, QuantWindowAttention(mod, bits, path, fine_grid))
     for path, mod in list(model.named_modules()):
         if isinstance(mod, (NonLinearSlot, QLinear, QConv2d, QuantLinear, QuantConv2d)) or ".float_module" in path:
             continue
         if isinstance(mod, nn.LayerNorm):
-            _set_submodule(model, path, NonLinearSlot(path, "layernorm", bits, mod))
+            _set_submodule(model, path, NonLinearSlot(path, "layernorm", bits, mod, fine_grid=fine_grid))
         elif _is_gelu(mod):
-            _set_submodule(model, path, NonLinearSlot(path, "gelu", bits, mod))
+            _set_submodule(model, path, NonLinearSlot(path, "gelu", bits, mod, fine_grid=fine_grid))
         elif isinstance(mod, nn.Linear):
             _set_submodule(model, path, QLinear(mod, bits))
         elif isinstance(mod, nn.Conv2d):
             _set_submodule(model, path, QConv2d(mod, bits))
         elif isinstance(mod, (nn.Softmax, nn.BatchNorm2d, nn.GroupNorm)):
             raise UsageError(f"{path}: {type(mod).__name__} outside attention is not supported")
-    qmodel = QuantModel(model, bits)
+    qmodel = QuantModel(model, bits, fine_grid)
     if assignment:
         qmodel.set_assignment(assignment)
     return qmodel

@@ -50,6 +50,7 @@ class RunConfig:
     asqnr_form: str = "amplitude"
     sensitivity: bool = False  # force the sensitivity pass for strategies that do not need it
     qat_epochs: int = 0  # > 0: QAT after the assignment is chosen (default QAT settings otherwise)
+    fine_grid: bool = False  # exp/erf kernels on a grid no coarser than 2**-6 (not the references')
     download: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +105,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                   cfg.progress, "float eval")
     timings["float_eval_s"] = time.perf_counter() - t
 
-    qmodel = convert_model(model, cfg.bits).to(device)
+    qmodel = convert_model(model, cfg.bits, fine_grid=cfg.fine_grid).to(device)
     slot_ops = qmodel.slot_ops()
     rows = None
     if strategy.needs_sensitivity or cfg.sensitivity:
@@ -185,6 +186,7 @@ def _record(cfg, info, data, strategy, assignment, slot_ops, fp, qres, timings, 
         "checkpoint": info.checkpoint,
         "data": data.spec,
         "bits": cfg.bits,
+        "fine_grid": cfg.fine_grid,
         "counts": counts(assignment, slot_ops),
         "slots": {op: n for op, n in _count_ops(slot_ops).items()},
         "top1_fp": round(fp["top1"], 3),
@@ -237,7 +239,7 @@ def write_outputs(out: Path, result: dict, assignment: dict, rows: list[dict] | 
     from .plan import save_assignment
 
     save_assignment(out / "assignment.json", assignment, model=result["model"], bits=result["bits"],
-                    strategy=result["strategy"], seed=result["seed"])
+                    fine_grid=result["fine_grid"], strategy=result["strategy"], seed=result["seed"])
     if rows is not None:
         atomic_write_text(out / "sensitivity.csv", sensitivity_csv(rows))
     record = dict(result, config={k: v for k, v in asdict(cfg).items() if k != "extra"})
@@ -246,24 +248,25 @@ def write_outputs(out: Path, result: dict, assignment: dict, rows: list[dict] | 
 
 def evaluate_assignment(assignment_file: str, model_name=None, checkpoint=None, data_spec=None, bits=None,
                         calib_size=128, eval_size=2000, batch_size=250, seed=0, device=None,
-                        results_file: str | None = None, progress=True) -> dict[str, Any]:
+                        results_file: str | None = None, progress=True, fine_grid: bool | None = None) -> dict[str, Any]:
     """``mnq-search eval``: calibrate and evaluate the model with a given assignment."""
     from .io import read_json
 
     meta = read_json(assignment_file, "assignment file")
     bits = bits or (meta.get("bits") if isinstance(meta, dict) else None) or 8
     model_name = model_name or (meta.get("model") if isinstance(meta, dict) else None)
+    fine_grid = fine_grid if fine_grid is not None else bool(isinstance(meta, dict) and meta.get("fine_grid"))
     _check_common(bits, calib_size, eval_size, batch_size)
     device = device or default_device()
     torch.manual_seed(seed)
     model, info, data = prepare(model_name, checkpoint, data_spec)
     model = model.to(device)
-    qmodel = convert_model(model, bits).to(device)
+    qmodel = convert_model(model, bits, fine_grid=fine_grid).to(device)
     assignment, _ = load_assignment(assignment_file, qmodel.slot_ops())
     qmodel.set_assignment(assignment)
     calibrate(qmodel, data.calib_batches(calib_size, batch_size, seed), device)
     res = evaluate(qmodel, data.eval_batches(eval_size, batch_size, EVAL_SEED), device, progress, "quantized eval")
-    out = {"model": info.name, "bits": bits, "assignment": str(assignment_file),
+    out = {"model": info.name, "bits": bits, "fine_grid": fine_grid, "assignment": str(assignment_file),
            "counts": counts(assignment, qmodel.slot_ops()), "top1": round(res["top1"], 3),
            "top5": round(res["top5"], 3), "images": res["images"], "seconds": round(res["seconds"], 2),
            "device": device_name(device)}
@@ -298,6 +301,7 @@ class QATJob:
     eval_batch_size: int = 250
     device: str | None = None
     progress: bool = True
+    fine_grid: bool | None = None  # None: as the assignment file says
 
 
 def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
@@ -316,12 +320,13 @@ def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
     meta = read_json(job.assignment, "assignment file")
     bits = job.bits or (meta.get("bits") if isinstance(meta, dict) else None) or 8
     model_name = job.model or (meta.get("model") if isinstance(meta, dict) else None)
+    fine_grid = job.fine_grid if job.fine_grid is not None else bool(isinstance(meta, dict) and meta.get("fine_grid"))
     _check_common(bits, job.calib_size, job.eval_size, job.eval_batch_size)
     qcfg.validate()
     device = dist.init(job.device or default_device())
     model, info, data = prepare(model_name, job.checkpoint, job.data)
     model = model.to(device)
-    qmodel = convert_model(model, bits).to(device)
+    qmodel = convert_model(model, bits, fine_grid=fine_grid).to(device)
     assignment, _ = load_assignment(job.assignment, qmodel.slot_ops())
     qmodel.set_assignment(assignment)
     calibrate(qmodel, data.calib_batches(job.calib_size, job.eval_batch_size, qcfg.seed), device)
@@ -333,17 +338,18 @@ def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
     seconds = time.perf_counter() - t
     result = {}
     if dist.is_main():
-        float_ref = convert_model(model, bits).to(device).set_quant(False)
+        float_ref = convert_model(model, bits, fine_grid=fine_grid).to(device).set_quant(False)
         slot_rows = measure_slots(float_ref, {"qat": qmodel},
                                   data.calib_batches(min(job.calib_size, 64), 32, qcfg.seed), device)
         atomic_write_text(out / "slot_asqnr.csv", "slot,op,asqnr_out\n" + "".join(
             f"{r['slot']},{r['op']},{r['asqnr_out']}\n" for r in slot_rows))
         atomic_write_text(out / "history.csv", history_csv(history))
         save_weights(qmodel, out / "qat_model.safetensors", dtype=torch.float32)
-        save_assignment(out / "assignment.json", assignment, model=info.name, bits=bits,
+        save_assignment(out / "assignment.json", assignment, model=info.name, bits=bits, fine_grid=fine_grid,
                         strategy=meta.get("strategy") if isinstance(meta, dict) else None)
         result = {"strategy": meta.get("strategy") if isinstance(meta, dict) else None, "model": info.name,
-                  "bits": bits, "counts": counts(assignment, qmodel.slot_ops()), "top1_ptq": top1_ptq,
+                  "bits": bits, "fine_grid": fine_grid, "counts": counts(assignment, qmodel.slot_ops()),
+                  "top1_ptq": top1_ptq,
                   "top1_qat": history[-1]["top1"] if history else None, "history": history,
                   "qat": asdict(qcfg), "world_size": dist.world(), "qat_seconds": round(seconds, 1),
                   "device": device_name(device), "date": _dt.datetime.now().isoformat(timespec="seconds")}

@@ -43,13 +43,16 @@ class NonLinearSlot(nn.Module):
         bits: the model's bit-width.
         float_module: the float module the slot replaces (``nn.LayerNorm``, ``nn.GELU``) or None.
         method: initial method (``"float"`` by default).
+        fine_grid: passed to every method (see :class:`~mnq_search.methods.NonLinearMethod`).
     """
 
-    def __init__(self, name: str, op: str, bits: int, float_module: nn.Module | None = None, method: str = FLOAT):
+    def __init__(self, name: str, op: str, bits: int, float_module: nn.Module | None = None, method: str = FLOAT,
+                 fine_grid: bool = False):
         super().__init__()
         self.name = name
         self.op = op
         self.bits = bits
+        self.fine_grid = fine_grid
         self.float_module = float_module
         self.method = FLOAT
         self.impl: nn.Module | None = None
@@ -69,7 +72,7 @@ class NonLinearSlot(nn.Module):
         if method == FLOAT:
             self.impl = None
             return
-        impl = make_nonlinear(self.op, method, self.bits, self.float_module)
+        impl = make_nonlinear(self.op, method, self.bits, self.float_module, fine_grid=self.fine_grid)
         if self.op == "layernorm" and self.float_module is not None:
             # share the float LayerNorm's parameters, so QAT trains one set and the state dict holds
             # them once (under float_module); the method keeps plain references, not registrations

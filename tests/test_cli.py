@@ -89,6 +89,18 @@ def test_eval_reproduces_the_run(ckpt, tmp_path, capsys):
     assert len(rows) == 1 and float(rows[0]["top1"]) == pytest.approx(result["top1_quant"])
 
 
+def test_fine_grid_flag_is_recorded_and_reused(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "uniform:ibert", "--bits", "6", "--fine-grid", "--checkpoint", ckpt,
+                            "--out", out, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["fine_grid"] is True and json.loads((out / "assignment.json").read_text())["fine_grid"] is True
+    code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval took fine_grid from the file
+
+
 def test_imagefolder_and_timm_checkpoint(tmp_path, capsys):
     """--model <timm name> --checkpoint FILE --data imagefolder:PATH (tiny generated images)."""
     torch.manual_seed(0)

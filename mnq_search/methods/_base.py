@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant._fake_quant import _RoundSTE, check_bits
-from ._intops import check_range, is_int
+from ._intops import FINE_GRID_SCALE, check_range, is_int
 
 
 def _run_kernel(module: "NonLinearMethod", q: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +79,10 @@ class NonLinearMethod(nn.Module):
             documented on each class.
         float_module: for LayerNorm, the ``nn.LayerNorm`` whose weight, bias and eps to copy
             (None: no affine).
+        fine_grid: before computing the constants of an exponential or erf, move the integers to
+            a grid no coarser than 2**-6 with an exact left shift. The references compute them at
+            the input scale, where e.g. I-BERT's floor(-ln2 / S) misplaces every octave by up to
+            S / ln2 (8 % at an 8-bit softmax input scale of 0.15); off by default (reference numerics).
 
     Subclasses set ``op`` and ``family`` (filled in by :func:`register_method`), ``in_bits``
     (the input width the converter gives the slot) and implement :meth:`kernel` and
@@ -88,9 +92,15 @@ class NonLinearMethod(nn.Module):
     op: ClassVar[str] = ""
     family: ClassVar[str] = ""
 
-    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None, fine_grid: bool = False):
         super().__init__()
         self.bits = check_bits(bits)
+        self.fine_grid = bool(fine_grid)
+
+    @property
+    def exp_s_max(self) -> float | None:
+        """Upper end of the internal grid for exp/erf kernels (None: the reference's)."""
+        return FINE_GRID_SCALE if self.fine_grid else None
 
     # --- to implement --------------------------------------------------------------------
     @property
@@ -148,15 +158,15 @@ class NonLinearMethod(nn.Module):
         return check_range(q_y, f"{self.family} {self.op} output"), s_y
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, in_bits={self.in_bits}"
+        return f"bits={self.bits}, in_bits={self.in_bits}" + (", fine_grid=True" if self.fine_grid else "")
 
 
 class AffineLayerNorm(NonLinearMethod):
     """Base of the LayerNorm methods: copies weight, bias and eps of the float ``nn.LayerNorm``
     (parameters, trained by QAT through the op-level STE); input on the 16-bit residual grid."""
 
-    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
-        super().__init__(bits, float_module)
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None, fine_grid: bool = False):
+        super().__init__(bits, float_module, fine_grid)
         w = getattr(float_module, "weight", None)
         b = getattr(float_module, "bias", None)
         self.weight = nn.Parameter(w.detach().clone()) if w is not None else None

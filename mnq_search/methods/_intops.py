@@ -174,6 +174,7 @@ IEXP_C = 1.0 / IEXP_A
 LN2 = math.log(2.0)
 IEXP_S_RANGE = (2.0**-9, 0.5)  # input scales outside are shifted into it first (see prescale)
 SHIFT_EXP_S_RANGE = (2.0**-14, 1.0)
+FINE_GRID_SCALE = 2.0**-6  # the coarsest internal grid with fine_grid=True (an exact left shift)
 
 
 def prescale(q: torch.Tensor, scale: float, s_min: float, s_max: float) -> tuple[torch.Tensor, float]:
@@ -194,7 +195,8 @@ def prescale(q: torch.Tensor, scale: float, s_min: float, s_max: float) -> tuple
     return q, scale * 2.0 ** (down - up)
 
 
-def i_exp(q: torch.Tensor, scale: float, n_max: int = 15) -> tuple[torch.Tensor, float, int]:
+def i_exp(q: torch.Tensor, scale: float, n_max: int = 15, s_max: float | None = None
+          ) -> tuple[torch.Tensor, float, int]:
     """I-BERT integer exponential of q * scale for q <= 0.
 
     exp(x) = 2**-z * exp(r) with x = -z ln2 + r, r in (-ln2, 0], exp(r) ~ a (r + b)**2 + c; in
@@ -211,7 +213,7 @@ def i_exp(q: torch.Tensor, scale: float, n_max: int = 15) -> tuple[torch.Tensor,
     Returns (exp_int, exp_scale, exp_bound): exp_int in [0, exp_bound], exp_bound = c/S**2 * 2**n
     < 2**30 (the value at x = 0), exp_scale = a S**2 / 2**n.
     """
-    q, s = prescale(q, scale, *IEXP_S_RANGE)
+    q, s = prescale(q, scale, IEXP_S_RANGE[0], s_max or IEXP_S_RANGE[1])
     x0 = math.floor(-LN2 / s)
     bq = math.floor(IEXP_B / s)
     cq = math.floor(IEXP_C / s**2)
@@ -233,7 +235,8 @@ def exp_to_uint16(e: torch.Tensor, exp_scale: float, bound: int, row_len: int) -
     return shr(e, k), exp_scale * 2.0**k
 
 
-def shift_exp(q: torch.Tensor, scale: float, n_max: int, headroom_bits: int = 0) -> tuple[torch.Tensor, float]:
+def shift_exp(q: torch.Tensor, scale: float, n_max: int, headroom_bits: int = 0, s_max: float | None = None
+              ) -> tuple[torch.Tensor, float]:
     """I-ViT shift-based exponential of q * scale for q <= 0.
 
     q * log2(e) ~ q + q>>1 - q>>4; with x0 = floor(-1/S), z = floor(q / x0), r = q - x0 z:
@@ -247,7 +250,7 @@ def shift_exp(q: torch.Tensor, scale: float, n_max: int, headroom_bits: int = 0)
 
     Returns (exp_int, exp_scale) with exp_scale = S / 2**n.
     """
-    q, s = prescale(q, scale, *SHIFT_EXP_S_RANGE)
+    q, s = prescale(q, scale, SHIFT_EXP_S_RANGE[0], s_max or SHIFT_EXP_S_RANGE[1])
     q = q + shr(q, 1) - shr(q, 4)
     x0 = math.floor(-1.0 / s)
     n = max(0, min(n_max, 30 - headroom_bits - (-x0).bit_length()))

@@ -41,7 +41,8 @@ def get_method_class(op: str, method: str) -> type[NonLinearMethod]:
     return _METHODS[(op, method)]
 
 
-def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module | None = None) -> NonLinearMethod:
+def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module | None = None,
+                   fine_grid: bool = False) -> NonLinearMethod:
     """Build the integer ``method`` for ``op``.
 
     Args:
@@ -49,6 +50,7 @@ def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module 
         method: a family in ``NONLINEAR_METHODS[op]``.
         bits: the model's activation bit-width (4..8).
         float_module: for LayerNorm, the ``nn.LayerNorm`` to copy (weight, bias, eps).
+        fine_grid: exp/erf kernels on a grid no coarser than 2**-6 (see :class:`NonLinearMethod`).
 
     Raises:
         ValueError: unknown op, method or bits; the message names the valid choices.
@@ -63,4 +65,4 @@ def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module 
         >>> bool(((y / s_y) == (y / s_y).round()).all())
         True
     """
-    return get_method_class(op, method)(bits=bits, float_module=float_module)
+    return get_method_class(op, method)(bits=bits, float_module=float_module, fine_grid=fine_grid)

@@ -35,7 +35,7 @@ class FQViTSoftmax(NonLinearMethod):
 
     def kernel(self, q, s_x):
         q = q - q.amax(dim=-1, keepdim=True)
-        e, s_e, bound = i_exp(q, s_x)
+        e, s_e, bound = i_exp(q, s_x, s_max=self.exp_s_max)
         e16, _ = exp_to_uint16(e, s_e, bound, q.shape[-1])
         total = check_range(e16.sum(dim=-1, keepdim=True), "softmax sum")
         t = round_div(total, torch.clamp(e16, min=1))
@@ -74,8 +74,8 @@ class FQViTLayerNorm(AffineLayerNorm):
     quantizer's scale). The sums of squares are 64-bit (they pass 2**31 for C >= 512).
     """
 
-    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
-        super().__init__(bits, float_module)
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None, fine_grid: bool = False):
+        super().__init__(bits, float_module, fine_grid)
         channels = self.weight.shape[0] if self.weight is not None else 0
         self.in_observer = MinMaxObserver()
         self.out_observer = MinMaxObserver()

@@ -33,7 +33,7 @@ class IBertSoftmax(NonLinearMethod):
 
     def kernel(self, q, s_x):
         q = q - q.amax(dim=-1, keepdim=True)
-        e, s_e, bound = i_exp(q, s_x)
+        e, s_e, bound = i_exp(q, s_x, s_max=self.exp_s_max)
         e16, _ = exp_to_uint16(e, s_e, bound, q.shape[-1])
         total = check_range(e16.sum(dim=-1, keepdim=True), "softmax sum")
         f = check_range(floor_div(2**32, total), "softmax factor")
@@ -58,35 +58,39 @@ class IBertGELU(NonLinearMethod):
 
     Deviations: the reference fixes k = 14 because it feeds the raw 32-bit FC1 accumulator; here the
     input is the slot's ``bits``-bit grid, so k = max(0, bitlen(|cq|) - 15) keeps the erf value at
-    about 15 bits whatever the input scale (k = 14 would leave ~1 bit for an 8-bit input). The
-    reference's scale se is negative; the output is negated here so its scale is positive.
-    Output: |out| < 2**23 for inputs up to 8 bits.
+    about 15 bits whatever the input scale (k = 14 would leave ~1 bit for an 8-bit input), raised
+    where needed so that |out| < 2**24 (float32-exact) for the largest input. The reference's scale
+    se is negative; the output is negated here so its scale is positive.
     """
 
-    def float32_exact(self, s_x):
-        # intermediates: |(min(|q|, -bq) + bq)**2 + cq| <= max(bq**2, |cq|) and
-        # |out| = |q (y + one)| <= |q|max (2 |one| + 2), with |q|max = 2**(in_bits-1) times the prescale
-        q0, s = prescale(torch.ones((), dtype=torch.float64), s_x, *GELU_S_RANGE)
-        qmax = 2 ** (self.in_bits - 1) * max(1.0, float(q0))
+    @property
+    def _s_range(self) -> tuple[float, float]:
+        return GELU_S_RANGE[0], self.exp_s_max or GELU_S_RANGE[1]
+
+    def _constants(self, s_x: float) -> tuple[float, int, int, int, int, int]:
+        """(scale after prescale, |q| bound, bq, cq, erf shift k, one). k keeps the output
+        |q| (y + one) below 2**24 (float32-exact) for the largest |q| of the input grid."""
+        q0, s = prescale(torch.ones((), dtype=torch.float64), s_x, *self._s_range)
+        qmax = 2 ** (self.in_bits - 1) * max(1, int(q0))
         se = s / math.sqrt(2.0)
         bq, cq = math.floor(ERF_B / se), math.floor(1.0 / (ERF_A * se**2))
-        k = max(0, (-cq).bit_length() - 15)
-        one = abs(math.floor(1.0 / (ERF_A * se**2 * 2.0**k)))
-        return max(bq * bq, -cq, qmax * (2 * one + 2)) < 2**24
+        k = max(0, (-cq).bit_length() - 15, qmax.bit_length() + 1 + (-cq).bit_length() - 23)
+        one = math.floor(1.0 / (ERF_A * se**2 * 2.0**k))
+        return s, qmax, bq, cq, k, one
+
+    def float32_exact(self, s_x):
+        # intermediates: |(min(|q|, -bq) + bq)**2 + cq| <= max(bq**2, |cq|); |out| <= |q|max (2|one| + 2)
+        _, qmax, bq, cq, _, one = self._constants(s_x)
+        return max(bq * bq, -cq, qmax * (2 * abs(one) + 2)) < 2**24
 
     def kernel(self, q, s_x):
-        q, s = prescale(q, s_x, *GELU_S_RANGE)
-        se = s / math.sqrt(2.0)
-        bq = math.floor(ERF_B / se)
-        cq = math.floor(1.0 / (ERF_A * se**2))
+        q, s = prescale(q, s_x, *self._s_range)
+        _, _, bq, cq, k, one = self._constants(s_x)
         qa = torch.clamp(q.abs(), max=-bq)
-        y = torch.sign(q) * ((qa + bq) ** 2 + cq)
-        k = max(0, (-cq).bit_length() - 15)
-        y = shr(y, k)
-        s_erf = ERF_A * se**2 * 2.0**k  # negative
-        one = math.floor(1.0 / s_erf)
+        y = shr(torch.sign(q) * ((qa + bq) ** 2 + cq), k)
         out = check_range(-(q * (y + one)), "gelu output")
-        return out, -s * s_erf / 2
+        se = s / math.sqrt(2.0)
+        return out, -s * ERF_A * se**2 * 2.0**k / 2
 
     def float_op(self, x):
         return F.gelu(x)
@@ -106,8 +110,8 @@ class IBertLayerNorm(AffineLayerNorm):
     model's quantizers.
     """
 
-    def __init__(self, bits: int = 8, float_module: nn.Module | None = None):
-        super().__init__(bits, float_module)
+    def __init__(self, bits: int = 8, float_module: nn.Module | None = None, fine_grid: bool = False):
+        super().__init__(bits, float_module, fine_grid)
         self.register_buffer("var_shift", torch.zeros((), dtype=torch.int64))
 
     def observe(self, x, s_x):

@@ -30,7 +30,8 @@ class IViTSoftmax(NonLinearMethod):
 
     def kernel(self, q, s_x):
         q = q - q.amax(dim=-1, keepdim=True)
-        e, _ = shift_exp(q, s_x, n_max=15, headroom_bits=q.shape[-1].bit_length())
+        e, _ = shift_exp(q, s_x, n_max=15, headroom_bits=q.shape[-1].bit_length(),
+                         s_max=self.exp_s_max)
         total = check_range(torch.clamp(e.sum(dim=-1, keepdim=True), max=INT32_MAX), "softmax sum")
         f = floor_div(INT32_MAX, total)
         out = mul_shr(e, f, 32 - self.bits, "softmax output")
@@ -53,8 +54,8 @@ class IViTGELU(NonLinearMethod):
     def kernel(self, q, s_x):
         q1 = q + shr(q, 1) + shr(q, 3) + shr(q, 4)
         m = torch.clamp(q1.amax(dim=-1, keepdim=True), min=0)
-        a, _ = shift_exp(q1 - m, s_x, n_max=23, headroom_bits=1)
-        b, _ = shift_exp(-m, s_x, n_max=23, headroom_bits=1)
+        a, _ = shift_exp(q1 - m, s_x, n_max=23, headroom_bits=1, s_max=self.exp_s_max)
+        b, _ = shift_exp(-m, s_x, n_max=23, headroom_bits=1, s_max=self.exp_s_max)
         den = check_range(a + b, "gelu sigmoid denominator")
         f = floor_div(INT32_MAX, den)
         sig = mul_shr(a, f, 32 - SIGMOID_BITS, "gelu sigmoid")

@@ -80,3 +80,15 @@ def test_layernorm_constant_rows_give_beta(method):
     assert torch.isfinite(y).all()
     step = s_y.abs().max() if method != "fqvit" else s_y
     assert torch.allclose(y, ln.bias.detach().expand_as(y), atol=float(step) + 1e-4)
+
+
+# fine_grid (python benchmarks/accuracy_methods.py --fine-grid, 2026-11-23): the exp/erf constants
+# computed on a grid no coarser than 2**-6 instead of the coarse input grid
+FINE_MEASURED = {("softmax", "ibert", 6): 29.60, ("softmax", "ivit", 6): 24.87, ("gelu", "ibert", 8): 39.82}
+
+
+@pytest.mark.parametrize("key", sorted(FINE_MEASURED), ids=lambda k: "-".join(map(str, k)))
+def test_fine_grid_gain(key):
+    fine = method_sqnr(*key, fine_grid=True)[0]
+    assert FINE_MEASURED[key] - 1.0 <= fine <= FINE_MEASURED[key] + 1.0
+    assert fine > MEASURED[key][0] + 5.0  # the reference grid loses more than 5 dB here

@@ -14,9 +14,9 @@ from mnq_search.testing import affine_layernorm, realistic_input
 ALL = [(op, m) for op, ms in NONLINEAR_METHODS.items() for m in ms]
 
 
-def build(op, method, bits=8, channels=64, seed=0):
+def build(op, method, bits=8, channels=64, seed=0, fine_grid=False):
     ln = affine_layernorm(channels, seed) if op == "layernorm" else None
-    return make_nonlinear(op, method, bits, ln)
+    return make_nonlinear(op, method, bits, ln, fine_grid=fine_grid)
 
 
 def calibrate(mod, x, s):
@@ -68,9 +68,10 @@ SCALES = {"softmax": [1e-4, 3e-3, 0.05, 0.5, 2.0], "gelu": [1e-4, 3e-3, 0.05, 0.
 
 @pytest.mark.parametrize("op, method", ALL)
 @pytest.mark.parametrize("bits", [8, 6, 4])
-def test_integer_path_is_bit_identical_to_training_path(op, method, bits):
+@pytest.mark.parametrize("fine_grid", [False, True], ids=["reference", "fine_grid"])
+def test_integer_path_is_bit_identical_to_training_path(op, method, bits, fine_grid):
     gen = torch.Generator().manual_seed(1)
-    mod = build(op, method, bits)
+    mod = build(op, method, bits, fine_grid=fine_grid)
     for scale in SCALES[op]:
         s = torch.tensor(scale)
         for name, q in grid_inputs(op, mod.in_bits, scale, gen).items():
