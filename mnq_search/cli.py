@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   mnq-search run --strategy uniform:ivit --bits 6 --out runs/ivit6
   mnq-search run --model deit_tiny_patch16_224 --checkpoint deit_tiny.pth --data imagefolder:/data/imagenet
   mnq-search eval --assignment runs/default/assignment.json
+  mnq-search run --strategy optuna --objective qat,cost --n-trials 40 --out runs/optuna
   mnq-search list strategies
 """
 
@@ -48,6 +49,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization and evaluation")
     g.add_argument("--bits", type=int, default=8, help="weight/activation bit-width, 4..8 (default: 8)")
+    g.add_argument("--fine-grid", action="store_true", default=None,
+                   help="exp/erf kernels on a grid no coarser than 2**-6, an exact left shift "
+                        "(default: off, the references' numerics; eval/qat: as the assignment file says)")
     g.add_argument("--calib-size", type=int, default=128, help="calibration images from the train split (default: 128)")
     g.add_argument("--eval-size", type=_eval_size, default=2000,
                    help="evaluation images: a fixed seeded subset of the test split, or 'all' (default: 2000)")
@@ -55,6 +59,51 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of calibration subset and strategies (default: 0)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+SEARCH_FLAGS = ("objective", "n_trials", "timeout", "n_jobs", "sampler", "pruner", "storage", "study", "warm_start",
+                "qat_steps", "qat_holdout", "qat_eval_every", "cost_table", "heartbeat", "grace", "max_retry")
+
+
+def _add_search_args(p: argparse.ArgumentParser) -> None:
+    from .search_options import PRUNERS, SAMPLERS, SearchOptions as D
+
+    g = p.add_argument_group("search", "joint search (--strategy optuna): a study in --storage; workers that name "
+                                       "the same --storage and --study share it")
+    g.add_argument("--objective", metavar="NAMES", default=None,
+                   help="objective (mnq-search list objectives), or two comma-separated for a Pareto study, "
+                        f"e.g. qat,cost (default: {','.join(D.objectives)})")
+    g.add_argument("--n-trials", metavar="N", type=int, default=None,
+                   help=f"trials the study finishes (complete or pruned), all workers together (default: {D.n_trials})")
+    g.add_argument("--timeout", metavar="S", type=float, default=None, help="seconds this worker searches at most (default: no limit)")
+    g.add_argument("--n-jobs", metavar="N", type=int, default=None, help=f"trials run in parallel threads by this worker (default: {D.n_jobs})")
+    g.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"Optuna sampler, seeded by --seed (default: {D.sampler})")
+    g.add_argument("--pruner", choices=PRUNERS, default=None,
+                   help=f"stops bad trials early from the qat objective's intermediate top-1 (default: {D.pruner})")
+    g.add_argument("--storage", metavar="URL", default=None,
+                   help="Optuna storage: sqlite:///FILE, postgresql+psycopg2://USER@HOST:PORT/DB or journal:FILE "
+                        "(default: sqlite:///OUT/study.db)")
+    g.add_argument("--study", metavar="NAME", default=None, help="study name (default: OBJECTIVES-BITSbit, e.g. proxy-8bit)")
+    g.add_argument("--warm-start", metavar="NAMES", default=None,
+                   help="strategies whose assignments are the first trials, comma-separated, or none "
+                        "(default: every uniform and greedy strategy)")
+    g.add_argument("--qat-steps", metavar="N", type=int, default=None, help=f"QAT steps per trial of the qat objective (default: {D.qat_steps})")
+    g.add_argument("--qat-holdout", metavar="N", type=int, default=None,
+                   help=f"training images held out of QAT for the qat objective's top-1 (default: {D.qat_holdout})")
+    g.add_argument("--qat-eval-every", metavar="N", type=int, default=None,
+                   help="evaluate and report to the pruner every N QAT steps (default: per epoch and at the end)")
+    g.add_argument("--cost-table", metavar="FILE", default=None,
+                   help="JSON file overriding the cost objective's per-method table (default: objectives/cost_table.json)")
+    g.add_argument("--heartbeat", metavar="S", type=int, default=None,
+                   help=f"seconds between heartbeats of a running trial (SQL storages) (default: {D.heartbeat})")
+    g.add_argument("--grace", metavar="S", type=int, default=None,
+                   help="seconds without heartbeat after which a trial's worker counts as dead and the trial is "
+                        "retried (default: 2 x --heartbeat)")
+    g.add_argument("--max-retry", metavar="N", type=int, default=None,
+                   help=f"times a dead worker's trial is retried (default: {D.max_retry})")
+    g.add_argument("--sensitivity-cache", default=None, metavar="CSV",
+                   help="sensitivity table: read if the file exists, else measured and written there, so the "
+                        "workers of a study measure it once (default: measured by every run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after the assignment (default: 0, PTQ only)")
     _add_model_args(p)
     _add_quant_args(p)
+    _add_search_args(p)
 
     p = sub.add_parser("eval", help="calibrate and evaluate a given assignment")
     p.add_argument("--assignment", required=True, help="assignment JSON (from run)")
@@ -100,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_args(p)
     p.set_defaults(bits=None)
 
+    p = sub.add_parser("study", help="run a study spec (TOML) to one tidy CSV and a Markdown table")
+    p.add_argument("action", choices=("run", "tables"), help="run the unfinished cells, or only rebuild the tables")
+    p.add_argument("spec", help="study spec, e.g. studies/paper_tables_cpu_mini.toml")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("pretrain", help="train a zoo model from scratch by its seeded recipe")
     p.add_argument("name", help="zoo model (mnq-search list models)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the recipe's)")
@@ -121,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--images", type=int, default=64, help="calibration images to re-run (default: 64)")
     g.add_argument("--no-histograms", action="store_true", help="skip Figure 2, load no model (default: draw it)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    p = sub.add_parser("export", help="a study's trials as CSV, or a comparison CSV of the runs in a folder",
+                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--storage", default=None, help="Optuna storage URL or file of the study (as for run --storage)")
+    src.add_argument("--compare", default=None, metavar="DIR",
+                     help="folder of runs (result.json at any depth): one row per run, by model, bits and strategy")
+    p.add_argument("--study", default=None, help="study name, with --storage (default: the storage's only study)")
+    p.add_argument("--csv", required=True, metavar="FILE", help="the CSV file to write")
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard for a study storage on 127.0.0.1; prints its address")
+    p.add_argument("--storage", required=True, help="Optuna storage URL or file (as for run --storage)")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1, 0 for a free one (default: 0)")
 
     p = sub.add_parser("list", help="list strategies, objectives, methods or models")
     p.add_argument("what", choices=("strategies", "objectives", "methods", "models"))
@@ -153,14 +222,37 @@ def _cmd_run(args) -> int:
                     bits=args.bits, calib_size=args.calib_size, eval_size=args.eval_size,
                     batch_size=args.batch_size, out=args.out, seed=args.seed, device=args.device,
                     asqnr_form=args.asqnr_form, sensitivity=args.sensitivity, download=args.download,
-                    progress=not args.quiet, qat_epochs=args.qat_epochs)
+                    progress=not args.quiet, qat_epochs=args.qat_epochs, fine_grid=bool(args.fine_grid))
     if args.qat_epochs < 0:
         raise UsageError(f"--qat-epochs must be 0 or more, got {args.qat_epochs}")
+    _search_options(args, cfg)
     result = run(cfg)
     _print_run_table(result)
     files = ["assignment.json"] + (["sensitivity.csv"] if result["sensitivity_measured"] else []) + ["result.json"]
+    search = cfg.extra.get("search")
+    if search:
+        best = "  ".join(f"{m} {v}" for m, v in search["best"]["values"].items())
+        print(f"study {search['study']} in {search['storage']}: trials {search['trials']}; best trial "
+              f"{search['best']['number']}: {best}")
+        files += ["search.json"] + (["pareto.json"] if search["pareto_size"] else [])
     print("wrote " + ", ".join(os.path.join(args.out, f) for f in files))
     return 0
+
+
+def _search_options(args, cfg) -> None:
+    """Put the search group's flags into ``cfg.extra``, validated before any model is loaded."""
+    given = {k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None}
+    if args.strategy.partition(":")[0] == "optuna":
+        from .search_options import SearchOptions
+
+        if "objective" in given:
+            given["objectives"] = given.pop("objective")
+        cfg.extra["optuna"] = SearchOptions.from_dict(given).validate().to_dict()
+    elif given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise UsageError(f"{flag} applies only to --strategy optuna")
+    if args.sensitivity_cache:
+        cfg.extra["sensitivity_cache"] = args.sensitivity_cache
 
 
 def _cmd_eval(args) -> int:
@@ -168,7 +260,7 @@ def _cmd_eval(args) -> int:
 
     res = evaluate_assignment(args.assignment, args.model, args.checkpoint, args.data, args.bits, args.calib_size,
                               args.eval_size, args.batch_size, args.seed, args.device, args.results_file,
-                              progress=not args.quiet)
+                              progress=not args.quiet, fine_grid=args.fine_grid)
     print(f"{res['model']} {res['bits']}-bit {res['assignment']}: top-1 {res['top1']:.2f} %  "
           f"top-5 {res['top5']:.2f} %  ({res['images']} images, {res['seconds']:.1f} s)")
     return 0
@@ -181,11 +273,21 @@ def _cmd_qat(args) -> int:
     qcfg = QATConfig(epochs=args.epochs or 1, steps=args.steps, lr=args.lr, batch_size=args.qat_batch_size,
                      weight_decay=args.weight_decay, distill=args.distill, seed=args.seed)
     job = QATJob(args.assignment, args.out, args.resume, args.model, args.checkpoint, args.data, args.bits,
-                 args.calib_size, args.eval_size, args.batch_size, args.device, progress=not args.quiet)
+                 args.calib_size, args.eval_size, args.batch_size, args.device, progress=not args.quiet,
+                 fine_grid=args.fine_grid)
     res = qat_job(job, qcfg)
     if res:
         print(f"{res['model']} {res['bits']}-bit: top-1 PTQ {res['top1_ptq']:.2f} % -> QAT {res['top1_qat']:.2f} % "
               f"({len(res['history'])} evaluations, {res['qat_seconds']:.0f} s); wrote {job.out or job.resume or 'runs/qat'}")
+    return 0
+
+
+def _cmd_study(args) -> int:
+    from .study import load_spec, run_study, write_tables
+
+    path = run_study(args.spec, progress=not args.quiet, device=args.device) if args.action == "run" \
+        else write_tables(load_spec(args.spec))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 
 
@@ -231,6 +333,38 @@ def _cmd_report(args) -> int:
     return 0
 
 
+EXPORT_EXAMPLES = """examples:
+  mnq-search export --storage sqlite:///runs/optuna/study.db --csv trials.csv
+  mnq-search export --storage postgresql+psycopg2://me@db:5432/mnq --study qat-6bit --csv trials.csv
+  mnq-search export --compare runs --csv strategies.csv
+"""
+
+
+def _cmd_export(args) -> int:
+    if args.compare is not None:
+        if args.study is not None:
+            raise UsageError("--study applies only with --storage")
+        from .search_export import export_compare
+
+        n = export_compare(args.compare, args.csv)
+        print(f"wrote {args.csv} ({n} runs)")
+        return 0
+    from .search_export import export_trials
+    from .search_store import storage_url
+
+    name, n = export_trials(storage_url(args.storage), args.study, args.csv)
+    print(f"wrote {args.csv} ({n} trials of study {name})")
+    return 0
+
+
+def _cmd_dashboard(args) -> int:
+    from .search_dashboard import serve_dashboard
+    from .search_store import storage_url
+
+    serve_dashboard(storage_url(args.storage), args.port)
+    return 0
+
+
 def _cmd_list(args) -> int:
     if args.what == "strategies":
         from strategies import get_strategy, list_strategies
@@ -257,7 +391,8 @@ def _cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "qat": _cmd_qat, "pretrain": _cmd_pretrain, "report": _cmd_report,
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "qat": _cmd_qat, "study": _cmd_study, "pretrain": _cmd_pretrain, "report": _cmd_report,
+            "export": _cmd_export, "dashboard": _cmd_dashboard,
             "list": _cmd_list}
 
 

@@ -144,6 +144,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     result = _record(cfg, info, data, strategy.full_name, assignment, slot_ops, fp, qres, timings, device)
     result["sensitivity_measured"] = rows is not None
+    if cfg.extra.get("search") is not None:  # joint search: the study summary (search.json)
+        result["search"] = cfg.extra["search"]
     if history:
         result["qat_epochs"] = cfg.qat_epochs
         result["top1_ptq"] = result["top1_quant"]

@@ -58,6 +58,7 @@ class QATConfig:
     distill_temp: float = 1.0
     holdout: int = 0  # training images held out (never trained on)
     seed: int = 0
+    eval_every_steps: int | None = None  # also evaluate every K steps (for pruners), not only per epoch
 
     def validate(self) -> None:
         if self.epochs <= 0 and not self.steps:
@@ -66,6 +67,8 @@ class QATConfig:
             raise UsageError(f"--steps must be positive, got {self.steps}")
         if self.lr <= 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.eval_every_steps is not None and self.eval_every_steps <= 0:
+            raise UsageError(f"--qat-eval-every must be positive, got {self.eval_every_steps}")
         if self.batch_size <= 0 or self.batch_size % dist.world():
             raise UsageError(f"--batch-size must be a positive multiple of the {dist.world()} processes, "
                              f"got {self.batch_size}")
@@ -126,7 +129,8 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         out: folder for ``checkpoint.pt`` and ``history.csv`` (rank 0), or None for no files.
         teacher: the float model for ``cfg.distill``.
         resume: continue from ``out/checkpoint.pt`` if it exists.
-        eval_fn: returns the top-1 of the model (after each epoch, and at the end of a ``steps`` run).
+        eval_fn: returns the top-1 of the model (after each epoch, at the end of a ``steps`` run, and
+            every ``cfg.eval_every_steps`` steps).
         on_eval: called with (step, top1) after each evaluation (e.g. an Optuna pruner's report).
         stop_after_steps: stop (as if interrupted) after this many steps in this call (tests).
     """
@@ -195,6 +199,15 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
             n_loss += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / n_loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            k = cfg.eval_every_steps
+            if k and eval_fn is not None and step % k == 0 and step % steps_per_epoch and step < total:
+                top1 = eval_fn(model) if dist.is_main() else None  # mid-epoch evaluation
+                if on_eval is not None and top1 is not None:
+                    on_eval(step, top1)
+                history.append(dict(epoch=epoch + 1, step=step, loss=round(loss_sum / n_loss, 5),
+                                    top1=None if top1 is None else round(top1, 3),
+                                    images_per_s=round(seen / max(time.perf_counter() - t0, 1e-9), 1)))
+                model.train()
             if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                 bar.close()
                 return history

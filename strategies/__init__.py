@@ -14,5 +14,6 @@ from ._registry import register_strategy as register_strategy
 from . import uniform as uniform  # noqa: E402
 from . import greedy as greedy  # noqa: E402
 from . import random as random  # noqa: E402
+from . import optuna_joint as optuna_joint  # noqa: E402
 
 __all__ = ["SearchContext", "Strategy", "get_strategy", "list_strategies", "register_strategy"]

@@ -144,3 +144,13 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(data, t
     # (3.5 % of one step). Bound: a tenth of one step (2e-4). Quantization ranges match to 1.3e-5.
     for k, v in single.state_dict().items():
         assert torch.allclose(ddp_state[k].float(), v.float(), rtol=0, atol=2e-4), k
+
+
+def test_eval_every_steps_reports_mid_epoch(data):
+    """Intermediate evaluations (for an Optuna pruner) every K steps, besides the end of epoch."""
+    q = quant_model(data)
+    seen = []
+    hist = train_qat(q, data, cfg(epochs=2, eval_every_steps=3), progress=False,
+                     eval_fn=lambda m: 50.0, on_eval=lambda step, top1: seen.append(step))
+    assert seen == [3, 4, 6, 8]  # every 3 steps, plus both epoch ends (4 steps per epoch)
+    assert [h["step"] for h in hist] == seen and all(h["top1"] == 50.0 for h in hist)

@@ -1,0 +1,82 @@
+"""Cheap whole-model objectives, no training: how far the quantized model's logits are from the
+float model's on the calibration images.
+
+- ``proxy``: mean KL(float || quantized) of the softmaxed logits per image (lower is better);
+- ``proxy_sqnr``: output SQNR of the logits in dB, 10 log10(sum f^2 / sum (f - q)^2) (higher is better).
+
+Both calibrate a copy of the model with the assignment on the run's calibration images (as the
+pipeline does for the final model) and compare on those same images: one calibration and one
+forward pass per trial. The test split is never used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ._base import Objective
+from ._registry import register_objective
+
+SQNR_CAP_DB = 300.0  # identical logits: a finite value the samplers can rank
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, ctx: Any) -> list[torch.Tensor]:
+    cfg = ctx.extra["config"]
+    device = ctx.extra["device"]
+    model.eval()
+    return [model(x.to(device)).double().cpu()
+            for x, _ in ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size, cfg.seed)]
+
+
+class _LogitsObjective(Objective):
+    """Shared part: the float logits once (:meth:`setup`), the quantized ones per trial."""
+
+    def __init__(self) -> None:
+        self._ref: list[torch.Tensor] | None = None
+
+    def setup(self, ctx: Any) -> None:
+        self._ref = _logits(ctx.extra["model"], ctx)
+
+    def evaluate(self, assignment: Mapping[str, str], ctx: Any, trial: Any = None) -> float:
+        if self._ref is None:
+            self.setup(ctx)
+        quant = _logits(self.calibrated(assignment, ctx), ctx)
+        value = self.compare(torch.cat(self._ref), torch.cat(quant))
+        return self.worst if math.isnan(value) else value
+
+    def compare(self, ref: torch.Tensor, quant: torch.Tensor) -> float:
+        raise NotImplementedError
+
+
+@register_objective("proxy")
+class ProxyKL(_LogitsObjective):
+    """Mean over the calibration images of KL(softmax(float) || softmax(quantized)), in nats."""
+
+    direction = "minimize"
+    metric = "kl"
+    description = "mean KL(float || quantized) of the logits on the calibration images (no training)"
+
+    def compare(self, ref, quant):
+        kl = F.kl_div(F.log_softmax(quant, -1), F.log_softmax(ref, -1), reduction="sum", log_target=True)
+        return float(kl) / ref.shape[0]
+
+
+@register_objective("proxy_sqnr")
+class ProxySqnr(_LogitsObjective):
+    """Output SQNR of the logits over the calibration images, in dB."""
+
+    direction = "maximize"
+    metric = "sqnr_db"
+    description = "output SQNR (dB) of the logits on the calibration images (no training)"
+
+    def compare(self, ref, quant):
+        noise = float(((ref - quant) ** 2).sum())
+        signal = float((ref**2).sum())
+        if noise == 0:
+            return SQNR_CAP_DB
+        return min(SQNR_CAP_DB, 10.0 * math.log10(max(signal, 1e-300) / noise))

@@ -1,0 +1,200 @@
+"""Joint search with Optuna: every slot is one categorical parameter (the methods valid for its op),
+and a study looks for the assignment that is best for the whole model, where the greedy rules of
+the paper (section 3.2) treat layers as independent.
+
+- Objectives (``--objective``, :class:`objectives.Objective`): ``proxy`` (KL of the logits, no
+  training), ``proxy_sqnr``, ``qat`` (short QAT, top-1 on held-out training images, pruned early),
+  ``cost`` (integer operations); two of them make a two-objective study whose Pareto front is
+  written to ``pareto.json``.
+- Warm start: the study's first trials are the uniform and greedy assignments (deduplicated;
+  ``--warm-start`` picks others), so the search can only improve on them.
+- Samplers ``tpe`` (default), ``gp``, ``nsga2``, ``random``, seeded by ``--seed``: with one worker
+  and one thread a study is reproducible.
+- Storage by URL, default ``sqlite:///OUT/study.db``; several ``mnq-search run --strategy optuna
+  --storage URL --study NAME`` processes work on one study, and a killed worker's trial is retried
+  (:mod:`mnq_search.search_store`).
+
+An assignment that a completed trial already evaluated is not evaluated again: the trial copies
+that trial's values (user attribute ``same_as``). An integer overflow in a kernel gives the
+objective's worst value (user attribute ``error``).
+
+Example:
+    mnq-search run --strategy optuna --objective qat --n-trials 40 --bits 6 --out runs/optuna6
+    mnq-search run --strategy optuna --objective proxy,cost --sampler nsga2 --n-trials 200
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+from mnq_search.errors import UsageError
+from mnq_search.io import atomic_write_json
+from mnq_search.plan import counts
+from mnq_search.search_options import SearchOptions, make_pruner, make_sampler
+from mnq_search.search_store import (StudySpec, claim_budget, default_storage_url, mask_url, open_storage,
+                                     open_study, parse_storage, run_worker, tally)
+from mnq_search.slot import methods_for
+
+from ._base import SearchContext, Strategy
+from ._registry import get_strategy, list_strategies, register_strategy
+
+
+def default_warm_starts() -> list[str]:
+    """Every uniform and greedy strategy, in registry order."""
+    from .greedy import GreedyStrategy
+    from .uniform import UniformStrategy
+
+    return [n for n in list_strategies() if isinstance(get_strategy(n), (UniformStrategy, GreedyStrategy))]
+
+
+def warm_starts(ctx: SearchContext, names: list[str] | tuple[str, ...] | None) -> list[tuple[dict, list[str]]]:
+    """The assignments of the strategies ``names`` (None: :func:`default_warm_starts`), identical
+    ones merged: a list of (assignment, strategy names)."""
+    out: dict[tuple[str, ...], tuple[dict, list[str]]] = {}
+    for name in default_warm_starts() if names is None else names:
+        assignment = get_strategy(name).select(ctx)
+        key = tuple(assignment[s] for s in ctx.slot_ops)
+        out.setdefault(key, (assignment, []))[1].append(name)
+    return list(out.values())
+
+
+class _TrialFunction:
+    """The study's objective: claim a place in the budget, suggest one method per slot, evaluate."""
+
+    def __init__(self, ctx: SearchContext, objectives: list, n_trials: int):
+        self.ctx, self.objectives, self.n_trials = ctx, objectives, n_trials
+
+    def __call__(self, trial) -> float | list[float]:
+        claim_budget(trial, self.n_trials)
+        assignment = {slot: trial.suggest_categorical(slot, list(methods_for(op)))
+                      for slot, op in self.ctx.slot_ops.items()}
+        same = self._same_as(trial, assignment)
+        if same is not None:
+            trial.set_user_attr("same_as", same.number)
+            return same.values[0] if len(self.objectives) == 1 else list(same.values)
+        values = []
+        for obj in self.objectives:
+            try:
+                values.append(float(obj.evaluate(assignment, self.ctx, trial)))
+            except ArithmeticError as exc:  # an integer overflow in a kernel: the worst value
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:300])
+                values.append(obj.worst)
+        return values[0] if len(values) == 1 else values
+
+    @staticmethod
+    def _same_as(trial, assignment: dict[str, str]):
+        from optuna.trial import TrialState
+
+        for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number != trial.number and t.params == assignment:
+                return t
+        return None
+
+
+def _progress(metrics: list[str]):
+    def show(study, trial) -> None:
+        if trial.user_attrs.get("surplus"):
+            return
+        vals = "" if trial.values is None else "  " + "  ".join(f"{m} {v:.5g}" for m, v in zip(metrics, trial.values))
+        note = " (warm start: " + trial.user_attrs["warm_start"] + ")" if "warm_start" in trial.user_attrs else ""
+        print(f"trial {trial.number:4d} {trial.state.name:8s}{vals}{note}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _sort_key(values, objectives) -> tuple[float, ...]:
+    return tuple(v if o.direction == "minimize" else -v for v, o in zip(values, objectives))
+
+
+@register_strategy("optuna")
+class OptunaStrategy(Strategy):
+    """Optuna study over all slots jointly; options from ``ctx.extra["optuna"]`` (the CLI's search
+    group, :class:`~mnq_search.search_options.SearchOptions`). Returns the best assignment: of a
+    two-objective study, the Pareto point best in the first objective (ties: the second)."""
+
+    description = "joint search over all slots with an Optuna study (--objective proxy|qat|cost, warm-started)"
+    needs_sensitivity = True  # the greedy warm starts
+
+    def __init__(self, arg: str | None = None):
+        super().__init__(arg)
+        self.info: dict[str, Any] = {}
+        self.front: list[dict[str, Any]] = []
+
+    def select(self, ctx: SearchContext) -> dict[str, str]:
+        import optuna
+
+        cfg = ctx.extra.get("config")
+        opts = SearchOptions.from_dict(ctx.extra.get("optuna")).validate()
+        objectives = opts.build_objectives()
+        metrics = [o.metric for o in objectives]
+        url = opts.storage or default_storage_url(cfg.out if cfg is not None else ".")
+        kind, _ = parse_storage(url)
+        heartbeat = opts.heartbeat if kind == "rdb" else None
+        spec = StudySpec(
+            name=opts.study or f"{'+'.join(opts.objectives)}-{ctx.bits}bit",
+            directions=[o.direction for o in objectives], metric_names=metrics,
+            meta={"objectives": list(opts.objectives), "bits": ctx.bits,
+                  "fine_grid": bool(getattr(cfg, "fine_grid", False)), "slot_ops": dict(ctx.slot_ops),
+                  "model": getattr(cfg, "model", None), "sampler": opts.sampler, "seed": ctx.seed},
+            warm_starts=[(a, {"warm_start": "+".join(names)})
+                         for a, names in warm_starts(ctx, opts.warm_start)[: opts.n_trials]])
+        joiner_seed = secrets.randbelow(2**31)  # workers that join draw other points than the creator
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            storage = open_storage(url, heartbeat, opts.grace, opts.max_retry)
+            study, created = open_study(storage, spec,
+                                        lambda made: make_sampler(opts.sampler, ctx.seed if made else joiner_seed),
+                                        make_pruner(opts.pruner) if len(objectives) == 1 else None)
+            for obj in objectives:
+                obj.setup(ctx)
+            callbacks = [_progress(metrics)] if getattr(cfg, "progress", False) else []
+            run_worker(study, _TrialFunction(ctx, objectives, opts.n_trials), opts.n_trials, opts.timeout,
+                       opts.n_jobs, callbacks, storage=storage, heartbeat=heartbeat, grace=opts.grace,
+                       poll_s=min(5.0, float(opts.heartbeat)))
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        return self._choose(study, objectives, ctx, url, spec, created, None if created else joiner_seed, opts)
+
+    def _choose(self, study, objectives, ctx, url, spec, created, joiner_seed, opts) -> dict[str, str]:
+        from optuna.trial import TrialState
+
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise UsageError(f"study {spec.name!r} has no completed trial yet (trials: {tally(study)}); "
+                             "run longer (--timeout) or check the failed trials with 'mnq-search export'")
+        front = sorted(study.best_trials, key=lambda t: (_sort_key(t.values, objectives), t.number))
+        best = front[0]
+        assignment = {slot: best.params[slot] for slot in ctx.slot_ops}
+        finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
+        self.front = [{"number": t.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, t.values)},
+                       "counts": counts(t.params, ctx.slot_ops), "slots": dict(t.params)} for t in front]
+        self.info = {
+            "storage": mask_url(url), "study": spec.name, "objectives": list(opts.objectives),
+            "metrics": spec.metric_names, "directions": spec.directions, "sampler": opts.sampler,
+            "pruner": opts.pruner if len(objectives) == 1 else None, "n_trials": opts.n_trials,
+            "trials": tally(study), "created_by_this_worker": created,
+            "sampler_seed": ctx.seed if created else joiner_seed,
+            "best": {"number": best.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, best.values)}},
+            "warm_starts": {t.number: t.user_attrs["warm_start"] for t in study.get_trials(deepcopy=False)
+                            if "warm_start" in t.user_attrs and t.system_attrs.get("failed_trial") is None},
+            "pareto_size": len(front) if len(objectives) > 1 else None,
+        }
+        return assignment
+
+    def after_search(self, ctx: SearchContext, assignment: dict[str, str]) -> None:
+        """Write ``pareto.json`` (two objectives) and ``search.json`` into the run folder, and leave
+        the study's summary in ``RunConfig.extra["search"]``."""
+        cfg = ctx.extra.get("config")
+        if cfg is None:
+            return
+        out = Path(cfg.out)
+        if len(self.info.get("objectives", ())) > 1:
+            atomic_write_json(out / "pareto.json", {"study": self.info["study"], "metrics": self.info["metrics"],
+                                                    "directions": self.info["directions"], "front": self.front})
+        atomic_write_json(out / "search.json", self.info)
+        cfg.extra["search"] = self.info
