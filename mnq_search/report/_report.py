@@ -230,28 +230,28 @@ def _histogram_values_html(slots, labels, diffs, chosen) -> str:
             f"<th>chosen</th></tr></thead><tbody>{body}</tbody></table>")
 
 
+def _qat_figure(ctx: _Context, section: Section, tag: str, has, plot, caption: str, missing: str) -> Section:
+    """One plot per (model, bits) over the QAT folders that have the file ``has`` selects."""
+    for key, folders in group_by_model(ctx.inputs.folders, has).items():
+        path = save_png(plot(folders, group_title(key)), ctx.png(tag, *_tag(*key)))
+        section.plots.append(Plot(path, f"{caption}, {group_title(key)}", "From " + ", ".join(f.label for f in folders) + "."))
+    if not section.plots:
+        section.skipped.append(missing)
+    return section
+
+
 def _figure3(ctx: _Context) -> Section:
     section = Section("Figure 3: output ASQNR after QAT", "Per slot, the output ASQNR after QAT of every strategy "
                       "run on the same model and bits (slot_asqnr.csv): the paper's Figure 3; sqnr_diff in red.")
-    for key, folders in group_by_model(ctx.inputs.folders, lambda f: f.slot_asqnr).items():
-        path = save_png(plot_qat_asqnr(folders, group_title(key)), ctx.png("fig3", *_tag(*key)))
-        section.plots.append(Plot(path, f"ASQNR after QAT, {group_title(key)}",
-                                  "From " + ", ".join(f.label for f in folders) + "."))
-    if not section.plots:
-        section.skipped.append("no QAT folder with slot_asqnr.csv found")
-    return section
+    return _qat_figure(ctx, section, "fig3", lambda f: f.slot_asqnr, plot_qat_asqnr, "ASQNR after QAT",
+                       "no QAT folder with slot_asqnr.csv found")
 
 
 def _figure4(ctx: _Context) -> Section:
     section = Section("Figure 4: QAT training curves", "Top-1 after each QAT epoch, one line per strategy "
                       "(history.csv): the paper's Figure 4; sqnr_diff in red.")
-    for key, folders in group_by_model(ctx.inputs.folders, lambda f: f.history).items():
-        path = save_png(plot_top1_history(folders, group_title(key)), ctx.png("fig4", *_tag(*key)))
-        section.plots.append(Plot(path, f"Top-1 per epoch, {group_title(key)}",
-                                  "From " + ", ".join(f.label for f in folders) + "."))
-    if not section.plots:
-        section.skipped.append("no QAT folder with history.csv found")
-    return section
+    return _qat_figure(ctx, section, "fig4", lambda f: f.history, plot_top1_history, "Top-1 per epoch",
+                       "no QAT folder with history.csv found")
 
 
 def _optuna(ctx: _Context) -> Section:
