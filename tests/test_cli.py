@@ -163,6 +163,12 @@ def _bad_cases(tmp_path, ckpt):
         "assignment not json": (["eval", "--assignment", str(not_json), *c], "not valid JSON"),
         "missing assignment": (["eval", "--assignment", str(tmp_path / "none.json"), *c], "not found"),
         "unknown list": (["list", "everything"], "invalid choice"),
+        "qat without assignment file": (["qat", "--assignment", str(tmp_path / "none.json"), *c], "not found"),
+        "qat nothing to resume": (["qat", "--assignment", str(bad_assign), "--resume", str(tmp_path / "no-run"), *c],
+                                  "nothing to resume"),
+        "qat zero steps": (["qat", "--assignment", str(bad_method), "--steps", "0", *c], "--steps must be positive"),
+        "study spec missing": (["study", "run", str(tmp_path / "none.toml")], "study spec not found"),
+        "pretrain zero epochs": (["pretrain", "fmnist-deit-tiny", "--epochs", "0"], "--epochs must be positive"),
         "unknown zoo model": (["pretrain", "fmnist-deit-tiny2"], "unknown zoo model"),
     }
 
