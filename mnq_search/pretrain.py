@@ -91,7 +91,8 @@ def pretrain(name: str, out: str | Path, epochs: int | None = None, device: str 
             model.load_state_dict(st["model"])
             opt.load_state_dict(st["opt"])
             start_epoch, history, elapsed = st["epoch"], st["history"], st["elapsed"]
-            torch.set_rng_state(st["rng"])
+            if "rng" in st:  # states written before the RNG was saved resume with a fresh one
+                torch.set_rng_state(st["rng"])
             if not quiet and dist.is_main():
                 print(f"resuming {name} at epoch {start_epoch}/{epochs}")
 

@@ -108,6 +108,25 @@ def mask_url(url: str) -> str:
     return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
 
 
+_SQLITE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _serialize_state_changes(storage, database: str) -> None:
+    """SQLite ignores Optuna's ``SELECT ... FOR UPDATE``: two threads (``--n-jobs``) can both read a
+    queued trial as WAITING and both start it, one then failing to finish it. Changing a trial's
+    state under one lock per database file makes the read and the write one step for all of this
+    process's threads (workers in other processes need PostgreSQL, which locks the row)."""
+    lock = _SQLITE_LOCKS.setdefault(str(Path(database).resolve()) if database != ":memory:" else database,
+                                    threading.Lock())
+    unlocked = storage.set_trial_state_values
+
+    def set_trial_state_values(trial_id, state, values=None):
+        with lock:
+            return unlocked(trial_id, state, values)
+
+    storage.set_trial_state_values = set_trial_state_values
+
+
 def open_storage(url: str, heartbeat: int | None = None, grace: int | None = None,
                  max_retry: int | None = 3, create: bool = True) -> "optuna.storages.BaseStorage":
     """Open the storage at ``url``; for RDB URLs with ``heartbeat``, failed-by-heartbeat trials are
@@ -138,7 +157,10 @@ def open_storage(url: str, heartbeat: int | None = None, grace: int | None = Non
             kwargs = dict(heartbeat_interval=heartbeat, grace_period=grace, heartbeat_stale_trial_callback=retry)
         for attempt in range(CREATE_TABLE_TRIES):
             try:
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+                if parsed.get_backend_name() == "sqlite":
+                    _serialize_state_changes(storage, parsed.database or ":memory:")
+                return storage
             except ImportError as exc:
                 raise UsageError(f"cannot open storage {mask_url(url)}: {exc} (PostgreSQL needs psycopg2-binary)") from None
             except sqlalchemy.exc.SQLAlchemyError as exc:
