@@ -22,6 +22,7 @@ of a (model, bits) pair is measured once and shared by all strategies of that pa
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import io as _io
 import json
 import time
@@ -34,7 +35,7 @@ from typing import Any
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text
 
-TIDY_FIELDS = ("model", "bits", "strategy", "qat_epochs", "top1", "top5", "seconds")
+TIDY_FIELDS = ("model", "bits", "strategy", "qat_epochs", "top1", "top5", "seconds", "device", "date")
 FMNIST_TRAIN = 60_000
 
 
@@ -121,7 +122,7 @@ def _cell_id(model: str, bits: int, strategy: str, epochs: int) -> str:
 
 def run_study(spec_path: str | Path, progress: bool = True, device: str | None = None) -> Path:
     """Run every unfinished cell of a spec; returns the tidy CSV path."""
-    from .pipeline import RunConfig, run
+    from .pipeline import RunConfig, default_device, device_name, run
 
     spec = load_spec(spec_path)
     cells_dir = spec.work_dir / "cells"
@@ -148,7 +149,8 @@ def run_study(spec_path: str | Path, progress: bool = True, device: str | None =
             res = run(cfg)
             row = {"top1": res["top1_quant"], "top5": res.get("top5_qat", res["top5_quant"])}
         row.update(model=model, bits=bits, strategy=strategy, qat_epochs=epochs,
-                   seconds=round(time.perf_counter() - t0, 1))
+                   seconds=round(time.perf_counter() - t0, 1), device=device_name(device or default_device()),
+                   date=_dt.date.today().isoformat())
         atomic_write_json(cells_dir / f"{cid}.json", row)
     return write_tables(spec)
 
@@ -183,8 +185,10 @@ def write_tables(spec: StudySpec) -> Path:
 
 def markdown_table(rows: list[dict], spec: StudySpec) -> str:
     """Top-1 per strategy (rows) and bits x QAT epochs (columns), one table per model (Table 4/5 layout)."""
+    seen = lambda key: ", ".join(sorted({str(r.get(key)) for r in rows if r.get(key)})) or "not recorded"  # noqa: E731
     lines = [f"# Study `{spec.name}`", "", f"Spec: `{spec.path}`. Top-1 (%) on the evaluation split; "
-             "`QAT 0` is post-training quantization.", ""]
+             "`QAT 0` is post-training quantization.", "",
+             f"Command: `mnq-search study run {spec.path}`. Device: {seen('device')}. Date: {seen('date')}.", ""]
     for model in spec.models:
         mrows = [r for r in rows if r["model"] == model]
         if not mrows:
