@@ -38,3 +38,30 @@ def test_swin_zoo_model_uses_every_stage():
     model = create_zoo_model("fmnist-swin-tiny")
     resolutions = [stage.blocks[0].input_resolution for stage in model.layers]
     assert resolutions == [(16, 16), (8, 8), (4, 4), (2, 2)]
+
+
+def test_shipped_default_weights_are_the_recorded_model():
+    """The embedded default: fp16 safetensors within 12 MB, loads strictly, and its float top-1 on
+    the first 1,000 test images agrees with the top-1 its record states for the full test set."""
+    from safetensors import safe_open
+
+    from mnq_search.data import FmnistSource
+    from mnq_search.models import load_model
+    from mnq_search.pretrain import evaluate_float
+    from mnq_search.zoo import default_weights_path
+
+    path = default_weights_path("fmnist-deit-tiny")
+    assert path.is_file(), "the embedded default weights must ship with the package"
+    assert path.stat().st_size <= 12 * 2**20
+    with safe_open(str(path), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}
+    model, info = load_model("fmnist-deit-tiny")
+    record = info.weights_meta
+    assert record["name"] == "fmnist-deit-tiny" and record["test_size"] == 10_000
+    assert record["top1"] == pytest.approx(record["history"][-1]["top1"], abs=1.0)  # fp16 file vs bf16 eval
+    try:
+        data = FmnistSource(None)
+    except Exception as exc:  # noqa: BLE001 (no data set on this machine)
+        pytest.skip(f"Fashion-MNIST not available: {exc}")
+    top1 = evaluate_float(model, data.test.subset(torch.arange(1000)), None, "cpu")
+    assert abs(top1 - record["top1"]) < 3.0  # 1,000 images: a binomial s.d. of about 1.1 points
