@@ -11,6 +11,7 @@ import sys
 from typing import Sequence
 
 from .errors import UsageError
+from .runtime import EVAL_BATCH, keep_freed_memory
 
 EXAMPLES = """examples:
   mnq-search run --strategy sqnr_diff                  # embedded Fashion-MNIST DeiT-Tiny, 8 bits
@@ -55,7 +56,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-size", type=int, default=128, help="calibration images from the train split (default: 128)")
     g.add_argument("--eval-size", type=_eval_size, default=2000,
                    help="evaluation images: a fixed seeded subset of the test split, or 'all' (default: 2000)")
-    g.add_argument("--batch-size", type=int, default=250, help="evaluation batch size (default: 250)")
+    g.add_argument("--batch-size", type=int, default=EVAL_BATCH,
+                   help=f"evaluation and calibration batch size (default: {EVAL_BATCH})")
     g.add_argument("--seed", type=int, default=0, help="seed of calibration subset and strategies (default: 0)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -399,6 +401,7 @@ COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "qat": _cmd_qat, "study": _cmd_s
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        keep_freed_memory()
         return COMMANDS[args.command](args)
     except UsageError as exc:
         print(f"mnq-search: error: {exc}", file=sys.stderr)

@@ -27,6 +27,7 @@ from .io import atomic_write_json, atomic_write_text
 from .models import ModelInfo, load_model
 from .plan import counts, load_assignment
 from .quant import check_bits
+from .runtime import EVAL_BATCH
 from .sensitivity import ASQNR_FORMS, build_method_models, measure_sensitivity
 
 SENSITIVITY_FIELDS = ("slot", "op", "method", "asqnr_in", "asqnr_out", "sqnr_diff")
@@ -42,7 +43,7 @@ class RunConfig:
     bits: int = 8
     calib_size: int = 128
     eval_size: int | None = 2000  # None: the whole evaluation split
-    batch_size: int = 250
+    batch_size: int = EVAL_BATCH
     sens_batch_size: int = 32
     out: str = "runs/default"
     seed: int = 0
@@ -249,7 +250,7 @@ def write_outputs(out: Path, result: dict, assignment: dict, rows: list[dict] | 
 
 
 def evaluate_assignment(assignment_file: str, model_name=None, checkpoint=None, data_spec=None, bits=None,
-                        calib_size=128, eval_size=2000, batch_size=250, seed=0, device=None,
+                        calib_size=128, eval_size=2000, batch_size=EVAL_BATCH, seed=0, device=None,
                         results_file: str | None = None, progress=True, fine_grid: bool | None = None) -> dict[str, Any]:
     """``mnq-search eval``: calibrate and evaluate the model with a given assignment."""
     from .io import read_json
@@ -300,7 +301,7 @@ class QATJob:
     bits: int | None = None
     calib_size: int = 128
     eval_size: int | None = 2000
-    eval_batch_size: int = 250
+    eval_batch_size: int = EVAL_BATCH
     device: str | None = None
     progress: bool = True
     fine_grid: bool | None = None  # None: as the assignment file says

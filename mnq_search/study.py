@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import UsageError
 from .io import atomic_write_json, atomic_write_text
+from .runtime import EVAL_BATCH
 
 TIDY_FIELDS = ("model", "bits", "strategy", "qat_epochs", "top1", "top5", "seconds", "device", "date")
 FMNIST_TRAIN = 60_000
@@ -161,7 +162,7 @@ def _float_cell(model: str, run_kw: dict, device: str | None, progress: bool) ->
 
     device = device or default_device()
     m, _, data = prepare(model, run_kw.get("checkpoint"), run_kw.get("data"))
-    res = evaluate(m.to(device), data.eval_batches(run_kw.get("eval_size", 2000), run_kw.get("batch_size", 250),
+    res = evaluate(m.to(device), data.eval_batches(run_kw.get("eval_size", 2000), run_kw.get("batch_size", EVAL_BATCH),
                                                    EVAL_SEED), device)
     return {"top1": round(res["top1"], 3), "top5": round(res["top5"], 3)}
 

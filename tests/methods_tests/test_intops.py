@@ -528,3 +528,11 @@ def test_ln_affine_bias_checks_the_output():
         ln_affine_bias(yn, s_n, torch.tensor([1.0, 1.0]), torch.tensor([100.0, 0.0]))
     out, _ = ln_affine_bias(held(yn), s_n, torch.tensor([1.0, 1.0]), torch.tensor([100.0, 0.0]))
     assert out.tolist() == [[2**31 + 90, 0.0]]
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [(torch.float64, -1022, 1023), (torch.float32, -126, 127)])
+def test_pow2_is_exact_over_the_normal_range(dtype, lo, hi):
+    k = torch.arange(lo, hi + 1, dtype=dtype)
+    expected = torch.tensor([math.ldexp(1.0, int(v)) for v in range(lo, hi + 1)], dtype=torch.float64).to(dtype)
+    assert torch.equal(io.pow2(k, dtype), expected)
+    assert torch.equal(io.pow2(torch.tensor([hi + 5.0], dtype=dtype), dtype), expected[-1:])  # clamped
