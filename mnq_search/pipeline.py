@@ -141,6 +141,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         eval_fn = make_eval_fn(data, cfg.eval_size, cfg.batch_size, device, seed=EVAL_SEED)
         history = train_qat(qmodel, data, qcfg, device, None, progress=cfg.progress, eval_fn=eval_fn)
         timings["qat_s"] = time.perf_counter() - t
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        write_qat_outputs(Path(cfg.out), model, qmodel, history, data, cfg.calib_size, cfg.seed, device)
     timings["wall_s"] = time.perf_counter() - t_start
 
     result = _record(cfg, info, data, strategy.full_name, assignment, slot_ops, fp, qres, timings, device)
@@ -307,6 +309,20 @@ class QATJob:
     fine_grid: bool | None = None  # None: as the assignment file says
 
 
+def write_qat_outputs(out: Path, model, qmodel: QuantModel, history: list[dict], data: DataSource,
+                      calib_size: int, seed: int, device) -> None:
+    """``history.csv`` and ``slot_asqnr.csv`` (every slot's output ASQNR after QAT against the float
+    model on up to 64 calibration images: the paper's Figure 3) of a trained ``qmodel``."""
+    from .qat import history_csv
+    from .sensitivity import measure_slots
+
+    float_ref = convert_model(model, qmodel.bits, fine_grid=qmodel.fine_grid).to(device).set_quant(False)
+    slot_rows = measure_slots(float_ref, {"qat": qmodel}, data.calib_batches(min(calib_size, 64), 32, seed), device)
+    atomic_write_text(out / "slot_asqnr.csv", "slot,op,asqnr_out\n" + "".join(
+        f"{r['slot']},{r['op']},{r['asqnr_out']}\n" for r in slot_rows))
+    atomic_write_text(out / "history.csv", history_csv(history))
+
+
 def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
     """``mnq-search qat``: calibrate the assigned model, train it, evaluate after every epoch, and write
     history.csv, checkpoint.pt, slot_asqnr.csv (per-slot output ASQNR after QAT, against the float
@@ -314,8 +330,7 @@ def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
     from . import distributed as dist
     from .io import read_json, save_weights
     from .plan import save_assignment
-    from .qat import history_csv, make_eval_fn, train_qat
-    from .sensitivity import measure_slots
+    from .qat import make_eval_fn, train_qat
 
     out = Path(job.out or job.resume or "runs/qat")
     if job.resume and not (Path(job.resume) / "checkpoint.pt").is_file():
@@ -341,12 +356,7 @@ def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
     seconds = time.perf_counter() - t
     result = {}
     if dist.is_main():
-        float_ref = convert_model(model, bits, fine_grid=fine_grid).to(device).set_quant(False)
-        slot_rows = measure_slots(float_ref, {"qat": qmodel},
-                                  data.calib_batches(min(job.calib_size, 64), 32, qcfg.seed), device)
-        atomic_write_text(out / "slot_asqnr.csv", "slot,op,asqnr_out\n" + "".join(
-            f"{r['slot']},{r['op']},{r['asqnr_out']}\n" for r in slot_rows))
-        atomic_write_text(out / "history.csv", history_csv(history))
+        write_qat_outputs(out, model, qmodel, history, data, job.calib_size, qcfg.seed, device)
         save_weights(qmodel, out / "qat_model.safetensors", dtype=torch.float32)
         save_assignment(out / "assignment.json", assignment, model=info.name, bits=bits, fine_grid=fine_grid,
                         strategy=meta.get("strategy") if isinstance(meta, dict) else None)

@@ -50,6 +50,9 @@ def test_study_runs_every_cell_once(spec, capsys):
     assert "| sqnr_diff |" in md and "8-bit QAT 1" in md
     s = load_spec(spec)
     assert (s.work_dir / "sensitivity-fmnist-deit-tiny-8bit.csv").is_file()  # shared by the greedy cells
+    qat_run = s.work_dir / "runs" / "fmnist-deit-tiny-8bit-sqnr_diff-qat1"  # Figure 3 and 4 inputs
+    assert len(list(csv.DictReader((qat_run / "slot_asqnr.csv").open()))) == 12 + 12 + 25
+    assert [r["epoch"] for r in csv.DictReader((qat_run / "history.csv").open())] == ["1"]
     cell = s.work_dir / "cells" / "fmnist-deit-tiny-8bit-sqnr_diff-qat1.json"
     cell.write_text(json.dumps(dict(json.loads(cell.read_text()), top1=12.5)))  # a finished cell is not redone
     assert main(["study", "run", str(spec), "--quiet"]) == 0
