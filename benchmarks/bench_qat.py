@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mnq_search.calibrate import calibrate  # noqa: E402
 from mnq_search.convert import convert_model  # noqa: E402
 from mnq_search.models import load_model  # noqa: E402
+from mnq_search.runtime import keep_freed_memory  # noqa: E402
 from mnq_search.sensitivity import uniform_for  # noqa: E402
 
 
@@ -82,6 +83,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (inductor)")
     ap.add_argument("--out", default=None, help="append the JSON record to this file")
     args = ap.parse_args()
+    keep_freed_memory()  # as the CLI does
     dev = args.device
     if dev.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
