@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .` 
 
 from mnq_search.methods import NONLINEAR_METHODS  # noqa: E402
 from mnq_search.quant import make_nonlinear  # noqa: E402
+from mnq_search.runtime import keep_freed_memory  # noqa: E402
 from mnq_search.testing import affine_layernorm, realistic_input  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the module docstring)")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as the CLI does
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
 
