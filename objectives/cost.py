@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from mnq_search.errors import UsageError, unknown_choice
+from mnq_search.io import read_json
 from mnq_search.slot import methods_for
 
 from ._base import Objective
@@ -84,22 +84,13 @@ def _merge(base: dict, override: Any, source: str) -> dict:
     return out
 
 
-def _read(path: Path) -> Any:
-    if not path.is_file():
-        raise UsageError(f"cost table not found: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cost table {path} is not valid JSON: {exc}") from None
-
-
 def load_cost_table(path: str | Path | None = None) -> dict:
     """The default table, overridden by the file at ``path`` if given; every count a float."""
     empty = {"weights": {k: 0.0 for k in KINDS},
              "methods": {op: {m: {s: {k: 0.0 for k in KINDS} for s in SECTIONS} for m in methods_for(op)}
                          for op in OPS}}
-    table = _merge(empty, _read(DEFAULT_TABLE), str(DEFAULT_TABLE))
-    return table if path is None else _merge(table, _read(Path(path)), str(path))
+    table = _merge(empty, read_json(DEFAULT_TABLE, "cost table"), str(DEFAULT_TABLE))
+    return table if path is None else _merge(table, read_json(path, "cost table"), str(path))
 
 
 def method_cost(table: Mapping, op: str, method: str) -> tuple[float, float]:
