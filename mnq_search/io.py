@@ -7,6 +7,8 @@ turns any unreadable file into a one-line UsageError.
 
 from __future__ import annotations
 
+import csv
+import io as _io
 import json
 import os
 import tempfile
@@ -35,6 +37,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def csv_text(fields, rows) -> str:
+    """CSV text: a header of ``fields``, then one line per row (a mapping; missing keys empty,
+    keys not in ``fields`` left out)."""
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    w.writeheader()
+    w.writerows({k: r.get(k) for k in fields} for r in rows)
+    return buf.getvalue()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -23,7 +23,7 @@ from .calibrate import calibrate, evaluate
 from .convert import QuantModel, convert_model
 from .data import DataSource, open_data
 from .errors import UsageError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, csv_text
 from .models import ModelInfo, load_model
 from .plan import counts, load_assignment
 from .quant import check_bits
@@ -230,11 +230,7 @@ def read_sensitivity_csv(path: str | Path) -> list[dict]:
 
 
 def sensitivity_csv(rows: list[dict]) -> str:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SENSITIVITY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
+    return csv_text(SENSITIVITY_FIELDS, rows)
 
 
 def write_outputs(out: Path, result: dict, assignment: dict, rows: list[dict] | None, cfg: RunConfig) -> None:
@@ -318,8 +314,7 @@ def write_qat_outputs(out: Path, model, qmodel: QuantModel, history: list[dict],
 
     float_ref = convert_model(model, qmodel.bits, fine_grid=qmodel.fine_grid).to(device).set_quant(False)
     slot_rows = measure_slots(float_ref, {"qat": qmodel}, data.calib_batches(min(calib_size, 64), 32, seed), device)
-    atomic_write_text(out / "slot_asqnr.csv", "slot,op,asqnr_out\n" + "".join(
-        f"{r['slot']},{r['op']},{r['asqnr_out']}\n" for r in slot_rows))
+    atomic_write_text(out / "slot_asqnr.csv", csv_text(("slot", "op", "asqnr_out"), slot_rows))
     atomic_write_text(out / "history.csv", history_csv(history))
 
 

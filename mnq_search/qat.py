@@ -21,8 +21,6 @@ model (it rounds the accumulators), only for a distillation teacher.
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -38,7 +36,7 @@ from .calibrate import evaluate
 from .convert import QuantModel
 from .data import DataSource
 from .errors import UsageError
-from .io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text, csv_text
 
 HISTORY_FIELDS = ("epoch", "step", "loss", "top1", "images_per_s")
 
@@ -109,11 +107,7 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 
 def history_csv(rows: list[dict]) -> str:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: r.get(k) for k in HISTORY_FIELDS} for r in rows)
-    return buf.getvalue()
+    return csv_text(HISTORY_FIELDS, rows)
 
 
 def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str = "cpu",

@@ -13,27 +13,17 @@ sorted by model, bits and strategy so the strategies run on one model and bit-wi
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .io import atomic_write_text
+from .io import atomic_write_text, csv_text
 from .plan import OPS, counts
 from .slot import methods_for
 
 COUNT_COLUMNS = [f"{op}_{m}" for op in OPS for m in methods_for(op)]
-
-
-def _csv(fields: list[str], rows: list[dict[str, Any]]) -> str:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def _flat_counts(table: dict[str, dict[str, int]]) -> dict[str, int]:
@@ -113,7 +103,7 @@ def export_trials(storage_url: str, study_name: str | None, csv_path: str | Path
         fields, rows = trial_rows(study)
     finally:
         optuna.logging.set_verbosity(verbosity)
-    atomic_write_text(csv_path, _csv(fields, rows))
+    atomic_write_text(csv_path, csv_text(fields, rows))
     return name, len(rows)
 
 
@@ -150,5 +140,5 @@ def export_compare(folder: str | Path, csv_path: str | Path) -> int:
     rows = compare_rows(folder)
     if not rows:
         raise UsageError(f"no run results (result.json from 'mnq-search run') under {folder}")
-    atomic_write_text(csv_path, _csv(COMPARE_FIELDS, rows))
+    atomic_write_text(csv_path, csv_text(COMPARE_FIELDS, rows))
     return len(rows)

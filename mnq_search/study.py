@@ -21,9 +21,7 @@ of a (model, bits) pair is measured once and shared by all strategies of that pa
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import io as _io
 import json
 import time
 import tomllib
@@ -33,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, csv_text
 from .runtime import EVAL_BATCH
 
 TIDY_FIELDS = ("model", "bits", "strategy", "qat_epochs", "top1", "top5", "seconds", "device", "date")
@@ -174,12 +172,8 @@ def write_tables(spec: StudySpec) -> Path:
         f = spec.work_dir / "cells" / f"{_cell_id(model, bits, strategy, epochs)}.json"
         if f.is_file():
             rows.append(json.loads(f.read_text()))
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=TIDY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows({k: r.get(k) for k in TIDY_FIELDS} for r in rows)
     csv_path = spec.results_dir / f"{spec.name}.csv"
-    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(csv_path, csv_text(TIDY_FIELDS, rows))
     atomic_write_text(spec.results_dir / f"{spec.name}.md", markdown_table(rows, spec))
     return csv_path
 
