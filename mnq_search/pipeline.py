@@ -141,7 +141,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         eval_fn = make_eval_fn(data, cfg.eval_size, cfg.batch_size, device, seed=EVAL_SEED)
         history = train_qat(qmodel, data, qcfg, device, None, progress=cfg.progress, eval_fn=eval_fn)
         timings["qat_s"] = time.perf_counter() - t
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         write_qat_outputs(Path(cfg.out), model, qmodel, history, data, cfg.calib_size, cfg.seed, device)
     timings["wall_s"] = time.perf_counter() - t_start
 

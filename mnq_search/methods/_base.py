@@ -45,9 +45,9 @@ def _run_kernel(module: "NonLinearMethod", q: torch.Tensor, s: float) -> tuple[t
     """The kernel on float-held integers: float32 where the method proves every intermediate
     stays below 2**24 at this scale (exact there), float64 otherwise; returns (y float32, s_y)."""
     work = torch.float32 if module.float32_exact(s) else torch.float64
-    rows = max(1, CPU_BLOCK_ELEMENTS // max(1, q.shape[-1])) if q.dim() else 1
     if q.device.type != "cpu" or q.dim() < 2 or q.numel() <= 2 * CPU_BLOCK_ELEMENTS:
         return _scaled(*module.kernel(q.to(work), s), work)
+    rows = max(1, CPU_BLOCK_ELEMENTS // q.shape[-1])
     flat = q.reshape(-1, q.shape[-1])
     out = torch.empty(flat.shape, dtype=torch.float32)
     for start in range(0, flat.shape[0], rows):
