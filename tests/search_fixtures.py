@@ -19,9 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,3 +194,32 @@ class PostgresServer:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread in the search tests (as the worker processes get through
+    OMP_NUM_THREADS): their tensors are small, and on a busy 2-core machine two threads that wait
+    for each other make every trial several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def in_threads(fn, n: int) -> list[Exception]:
+    """Run ``fn(i)`` for i in range(n) in n threads at once; the exceptions they raised."""
+    errors: list[Exception] = []
+
+    def target(i):
+        try:
+            fn(i)
+        except Exception as exc:  # noqa: BLE001 (returned to the test)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

@@ -12,33 +12,23 @@ import csv
 import json
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import optuna
 import pytest
-import torch
 
 from mnq_search.cli import main
 from mnq_search.errors import UsageError
 from mnq_search.search_export import compare_rows, trial_rows
 from mnq_search.search_store import (BudgetFull, StudySpec, claim_budget, default_storage_url, mask_url,
                                      open_storage, open_study, parse_storage, run_worker, storage_url)
-from tests.search_fixtures import (ROOT, PostgresServer, find_pg_bin, finish, kill_mid_trial, make_checkpoint,
-                                   make_sensitivity, read_trials, start_worker, worker_cmd)
+from tests.search_fixtures import (ROOT, PostgresServer, find_pg_bin, finish, in_threads, kill_mid_trial,  # noqa: F401
+                                   make_checkpoint, make_sensitivity, one_torch_thread, read_trials, start_worker,
+                                   worker_cmd)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 SLOT_OPS = {"blocks.0.attn.softmax": "softmax", "blocks.0.mlp.act": "gelu", "blocks.0.norm1": "layernorm"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread (as the worker processes get through OMP_NUM_THREADS)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +87,8 @@ def test_one_creator_enqueues_the_warm_starts_once(tmp_path):
     the warm starts), the others join it."""
     url = f"sqlite:///{tmp_path / 'study.db'}"
     warm = [{s: "ibert" for s in SLOT_OPS}, {s: "ivit" for s in SLOT_OPS}]
-    created, errors = [], []
-
-    def worker():
-        try:
-            created.append(open_study(open_storage(url), _spec(warm=warm), lambda c: None)[1])
-        except Exception as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    created = []
+    errors = in_threads(lambda _: created.append(open_study(open_storage(url), _spec(warm=warm), lambda c: None)[1]), 4)
     assert not errors and sorted(created) == [False, False, False, True]
     trials = optuna.load_study(study_name="s", storage=url).trials
     assert [t.system_attrs["fixed_params"] for t in trials] == warm
@@ -130,22 +109,13 @@ def test_threads_and_workers_share_an_exact_budget(tmp_path):
     open_storage(url)
     warm = [{s: "ibert" for s in SLOT_OPS}]
     n = 12
-    errors = []
 
     def worker(seed):
-        try:
-            storage = open_storage(url, heartbeat=1)
-            study, _ = open_study(storage, _spec(warm=warm), lambda c: optuna.samplers.RandomSampler(seed=seed))
-            run_worker(study, _toy(n, sleep=0.02), n, n_jobs=2, storage=storage, heartbeat=1, poll_s=0.2)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        storage = open_storage(url, heartbeat=1)
+        study, _ = open_study(storage, _spec(warm=warm), lambda c: optuna.samplers.RandomSampler(seed=seed))
+        run_worker(study, _toy(n, sleep=0.02), n, n_jobs=2, storage=storage, heartbeat=1, poll_s=0.2)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not in_threads(worker, 3)
     trials = optuna.load_study(study_name="s", storage=url).trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert len(complete) == n
@@ -172,20 +142,8 @@ def test_a_surplus_trial_evaluates_nothing_and_stops_its_worker():
 def test_postgres_workers_create_the_tables_at_once(postgres):
     """Workers opening a fresh PostgreSQL database at once race to create Optuna's tables."""
     url = postgres.database("tables_race")
-    errors = []
-
-    def worker():
-        try:
-            open_study(open_storage(url, heartbeat=1), _spec(warm=[{s: "ivit" for s in SLOT_OPS}]), lambda c: None)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    warm = [{s: "ivit" for s in SLOT_OPS}]
+    assert not in_threads(lambda _: open_study(open_storage(url, heartbeat=1), _spec(warm=warm), lambda c: None), 4)
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 1
 
 

@@ -13,7 +13,6 @@ import math
 
 import optuna
 import pytest
-import torch
 
 from mnq_search.cli import main
 from mnq_search.convert import convert_model
@@ -28,19 +27,9 @@ from objectives.cost import CostObjective, load_cost_table, method_cost
 from objectives.qat import QATObjective
 from strategies import SearchContext, get_strategy, list_strategies
 from strategies.optuna_joint import default_warm_starts
-from tests.search_fixtures import make_checkpoint, make_sensitivity
+from tests.search_fixtures import make_checkpoint, make_sensitivity, one_torch_thread  # noqa: F401 (autouse)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: these tensors are small, and on a busy 2-core machine two threads that
-    wait for each other make every trial several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
