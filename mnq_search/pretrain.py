@@ -67,7 +67,7 @@ def pretrain(name: str, out: str | Path, epochs: int | None = None, device: str 
     device = dist.init(device)
     dev = torch.device(device)
     data = FmnistSource(data_path, pad_to=entry.input_size if entry.input_size != 28 else None)
-    holdout = len(data.train) - train_size if train_size else 0
+    holdout = len(data.train) - train_size if train_size else recipe.holdout
     if recipe.batch_size % dist.world():
         raise UsageError(f"the batch of {recipe.batch_size} does not split over {dist.world()} processes")
     data.train = data.train.to(dev)

@@ -35,6 +35,7 @@ class Recipe:
     label_smoothing: float = 0.1
     max_shift: int = 2
     seed: int = 0
+    holdout: int = 0  # training images never trained on: the validation split (see data.VALIDATION_SIZE)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,30 @@ register_zoo(ZooEntry(
                 drop_path_rate=0.1),
     input_size=32,
     description="Swin-Tiny structure (depths 2-2-6-2, embed 96), 28x28x1 padded to 32, 2x2 patches",
+))
+
+
+register_zoo(ZooEntry(
+    name="fmnist-swin-micro",
+    timm_name="swin_tiny_patch4_window7_224",
+    # Swin's op structure at a CPU-trainable size: 28x28 padded to 32x32, 2x2 patches, windows of 4;
+    # three stages at 16, 8, 4 tokens per side (shifted windows with their masks in the first two),
+    # two patch mergings, 10 blocks (2-6-2), embed 64: 10 Softmax, 10 GELU, 24 LayerNorm, 3.0 M params.
+    kwargs=dict(img_size=32, patch_size=2, in_chans=1, num_classes=10, window_size=4, embed_dim=64,
+                depths=(2, 6, 2), num_heads=(2, 4, 8), drop_path_rate=0.1),
+    input_size=32,
+    recipe=Recipe(epochs=18, holdout=5000),
+    description="Swin structure at CPU size (depths 2-6-2, embed 64, windows 4), 28x28x1 padded to 32, 2x2 patches",
+))
+register_zoo(ZooEntry(
+    name="fmnist-vit-deep",
+    timm_name="vit_tiny_patch16_224",
+    # Deeper and narrower than the default (16 blocks of width 96 instead of 12 of 192): more slots in
+    # series for quantization error to propagate through (16 Softmax, 16 GELU, 33 LayerNorm) and
+    # fewer channels per LayerNorm row, so one outlier channel weighs more in its statistics.
+    kwargs=dict(_FMNIST_VIT, embed_dim=96, num_heads=3, depth=16),
+    recipe=Recipe(epochs=12, holdout=5000),
+    description="deeper, narrower ViT (16 blocks, embed 96, 3 heads), 28x28x1 input, 4x4 patches",
 ))
 
 

@@ -10,7 +10,8 @@ from mnq_search.sensitivity import uniform_for
 from mnq_search.zoo import create_zoo_model, get_zoo_entry, list_zoo
 
 EXPECTED = {"fmnist-deit-tiny": (12, 12, 25, 5_353_738), "fmnist-vit-small": (12, 12, 25, None),
-            "fmnist-swin-tiny": (12, 12, 29, None)}
+            "fmnist-swin-tiny": (12, 12, 29, None), "fmnist-swin-micro": (10, 10, 24, None),
+            "fmnist-vit-deep": (16, 16, 33, None)}
 
 
 @pytest.mark.parametrize("name", list_zoo())
@@ -65,3 +66,11 @@ def test_shipped_default_weights_are_the_recorded_model():
         pytest.skip(f"Fashion-MNIST not available: {exc}")
     top1 = evaluate_float(model, data.test.subset(torch.arange(1000)), None, "cpu")
     assert abs(top1 - record["top1"]) < 3.0  # 1,000 images: a binomial s.d. of about 1.1 points
+
+
+def test_swin_micro_has_shifted_windows_in_two_stages():
+    model = create_zoo_model("fmnist-swin-micro")
+    resolutions = [stage.blocks[0].input_resolution for stage in model.layers]
+    assert resolutions == [(16, 16), (8, 8), (4, 4)]
+    shifted = [any(b.shift_size != (0, 0) for b in stage.blocks) for stage in model.layers]
+    assert shifted == [True, True, False]  # the last stage is one window: nothing to shift
