@@ -6,21 +6,25 @@ realistic inputs of ``mnq_search.testing.realistic_input`` at DeiT-Tiny 224x224 
 after one call in train() mode to calibrate and then eval(), it times (median of --repeats after
 warm-up, each method interleaved call by call with its float reference):
 
-1. ``train fwd``: the training path ``module(x, s_x)`` vs the float op forward (inference_mode);
+1. ``train fwd``: the training / evaluation path ``module(x, s_x)`` (the fast path: tables and
+   compiled row loops, :mod:`mnq_search.methods._fast`) vs the float op forward (inference_mode);
 2. ``train fwd+bwd``: the same with ``x.requires_grad`` and ``loss = (y * w).sum()`` backward, vs
    the float op forward+backward (LayerNorm weight and bias receive gradients in both);
-3. ``int fwd``: the integer path ``module.forward_int(q, s_x)``, ``q = round(x / s_x)`` int64, vs
-   the float op forward (inference_mode); its range checks synchronize with the host, and that is
-   counted as part of its cost.
+3. ``fast integers``: the fast path writing the output integers (``module.run_fast(q, s_x,
+   integers=True)``), what the bit-identity tests compare with the integer path;
+4. ``reference fwd``: the training path with the fast path off (the reference kernel on float-held
+   integers, what every method ran before the fast path);
+5. ``reference int64``: the integer path ``module.forward_int(q, s_x)``, int64 with every register
+   range checked (it synchronizes with the host for the checks; the specification, not optimized).
 
 The float op is ``module.float_op(x, *module.grad_params())`` (torch.softmax / F.gelu /
 F.layer_norm). The train() calibration (``observe`` hooks) is not timed. The ratios are measured
 within one run on one machine, so background load on shared cores mostly cancels; absolute times
 are for context only. Speed is a benchmark, never a unit test: nothing here asserts a speed.
 
---threads defaults to 1: on cores busy with another job, every multi-threaded torch op waits a
-scheduler time slice (~8 ms here) for its second worker, which swamps the op itself and turns the
-ratios into counts of ops; one thread keeps them a measure of work. Pass --threads N to compare.
+--threads defaults to 2, the CPU machines' core count: the fast path splits rows over the torch
+thread count. On cores busy with another job every multi-threaded op waits for its second worker:
+stop other jobs first, or pass --threads 1.
 
 Output: a Markdown table on stdout and in benchmarks/results/methods_<device>.md, with the same
 rows as JSON in methods_<device>.json.   Usage: python benchmarks/bench_methods.py [--device cuda]
@@ -40,12 +44,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import mnq_search  # noqa: E402,F401  (before torch: its OpenMP setting, see mnq_search/__init__.py)
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .` (make bench installs it)
 
 from mnq_search.methods import NONLINEAR_METHODS  # noqa: E402
+from mnq_search.methods._fast import fast_kernels  # noqa: E402
 from mnq_search.quant import make_nonlinear  # noqa: E402
 from mnq_search.runtime import keep_freed_memory  # noqa: E402
 from mnq_search.testing import affine_layernorm, realistic_input  # noqa: E402
@@ -101,16 +108,32 @@ def bench_method(op: str, method: str, x: torch.Tensor, s_x: torch.Tensor, args)
             (fn(xg) * w).sum().backward()
         return call
 
-    float_fwd, train_fwd, int_fwd = interleaved_medians(
+    qf = q.float()
+    sx = float(s_x)
+    assert mod.run_fast(qf, sx, integers=True) is not None, f"{op} {method}: no fast path"
+
+    def reference(fn):
+        def call():
+            with fast_kernels(False):
+                fn()
+        return call
+
+    # the fast paths and the slow reference paths are timed in separate rounds (each against the
+    # float op): calls interleaved with the reference's large temporaries run on cold caches
+    float_fwd, train_fwd, fast_int = interleaved_medians(
         [inference(lambda: mod.float_op(x, *params)), inference(lambda: mod(x, s_x)),
-         inference(lambda: mod.forward_int(q, s_x))], args.repeats, args.warmup, x.device)
+         inference(lambda: mod.run_fast(qf, sx, integers=True))], args.repeats, args.warmup, x.device)
+    float_ref, ref_fwd, int_fwd = interleaved_medians(
+        [inference(lambda: mod.float_op(x, *params)), inference(reference(lambda: mod(x, s_x))),
+         inference(lambda: mod.forward_int(q, s_x))], max(3, args.repeats // 4), args.warmup, x.device)
     float_bwd, train_bwd = interleaved_medians(
         [backward(lambda t: mod.float_op(t, *params)), backward(lambda t: mod(t, s_x)[0])],
         args.repeats, args.warmup, x.device)
     return {"op": op, "method": method, "shape": list(x.shape),
             "float_fwd_ms": 1e3 * float_fwd, "float_fwd_bwd_ms": 1e3 * float_bwd,
             "train_fwd_ratio": train_fwd / float_fwd, "train_fwd_bwd_ratio": train_bwd / float_bwd,
-            "int_fwd_ratio": int_fwd / float_fwd}
+            "fast_int_ratio": fast_int / float_fwd, "reference_fwd_ratio": ref_fwd / float_ref,
+            "int_fwd_ratio": int_fwd / float_ref}
 
 
 def device_name(device: torch.device) -> str:
@@ -129,12 +152,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "- ratios are measured within this run, interleaved with the float op, so load from other "
              "jobs on the machine mostly cancels; absolute times are for context only", "",
              "| op | method | shape | float fwd (ms) | float fwd+bwd (ms) | train fwd / float "
-             "| train fwd+bwd / float | int fwd / float |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| train fwd+bwd / float | fast integers / float | reference fwd / float | reference int64 / float |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['op']} | {r['method']} | {'x'.join(map(str, r['shape']))} "
-                     f"| {r['float_fwd_ms']:.2f} | {r['float_fwd_bwd_ms']:.2f} | {r['train_fwd_ratio']:.1f}x "
-                     f"| {r['train_fwd_bwd_ratio']:.1f}x | {r['int_fwd_ratio']:.1f}x |")
+                     f"| {r['float_fwd_ms']:.2f} | {r['float_fwd_bwd_ms']:.2f} | {r['train_fwd_ratio']:.2f}x "
+                     f"| {r['train_fwd_bwd_ratio']:.2f}x | {r['fast_int_ratio']:.2f}x | {r['reference_fwd_ratio']:.1f}x "
+                     f"| {r['int_fwd_ratio']:.1f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,9 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=8, help="batch size (DeiT-Tiny inference: 8)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median)")
+    p.add_argument("--repeats", type=int, default=40,
+                   help="timed calls per measurement (median; the reference paths get a quarter)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the module docstring)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (see the module docstring)")
     args = p.parse_args(argv)
     keep_freed_memory()  # as the CLI does
     device = torch.device(args.device)

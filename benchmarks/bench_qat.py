@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mnq_search  # noqa: E402,F401  (before torch: its OpenMP setting, see mnq_search/__init__.py)
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

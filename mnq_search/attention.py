@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import UsageError
 from .quant import ActQuant, QLinear, QuantMatMul
+from .quant._fake_quant import to_grid
 from .slot import NonLinearSlot
 
 
@@ -43,18 +44,27 @@ class _QuantAttentionBase(nn.Module):
         self.proj_drop = attn.proj_drop
 
     def _qkv(self, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
-        """(q, k, v) on one per-tensor grid, and its scale."""
+        """(q, k, v) as the integers of one per-tensor grid, and its scale (quantization off: the
+        float q, k, v and None)."""
         B, N, _ = x.shape
-        qkv, s = self.q_qkv(self.qkv(x))
+        qkv, s = self.q_qkv.quantize(self.qkv(x))
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v, s
+
+    def _logits(self, q: torch.Tensor, k: torch.Tensor, s) -> torch.Tensor:
+        """q k^T times the attention scale: an integer product on the qkv grid, or float."""
+        if s is None:
+            return (q @ k.transpose(-2, -1)) * self.scale
+        return self.matmul_qk.forward_q(q, s, k.transpose(-2, -1), s)[0] * self.scale
 
     def _attend(self, logits: torch.Tensor, v: torch.Tensor, s_v, masked: torch.Tensor | None = None) -> torch.Tensor:
         """softmax slot, then attn v on the softmax's output grid (dropout breaks the grid: float then)."""
         p = self.attn_drop(self.softmax(logits, masked))
         on_grid = not self.training or self.attn_drop.p == 0
-        out, _ = self.matmul_av(p, self.softmax.out_scale if on_grid else None, v, s_v)
-        return out
+        s_p = self.softmax.out_scale if on_grid else None
+        if s_v is None or s_p is None:
+            return p @ (v if s_v is None else v * s_v)
+        return self.matmul_av.forward_q(to_grid(p, s_p), s_p, v, s_v)[0]
 
 
 class QuantAttention(_QuantAttentionBase):
@@ -76,8 +86,7 @@ class QuantAttention(_QuantAttentionBase):
             raise UsageError("attention masks are not supported for ViT/DeiT conversion")
         B, N, _ = x.shape
         q, k, v, s = self._qkv(x, self.head_dim)
-        logits, _ = self.matmul_qk(q, s, k.transpose(-2, -1), s)
-        out = self._attend(logits * self.scale, v, s)
+        out = self._attend(self._logits(q, k, s), v, s)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, self.attn_dim)))
 
 
@@ -103,8 +112,7 @@ class QuantWindowAttention(_QuantAttentionBase):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B_, N, C = x.shape
         q, k, v, s = self._qkv(x, self.head_dim)
-        logits, _ = self.matmul_qk(q, s, k.transpose(-2, -1), s)
-        logits = logits * self.scale + self._get_rel_pos_bias()
+        logits = self._logits(q, k, s) + self._get_rel_pos_bias()
         masked = None
         if mask is not None:
             num_win = mask.shape[0]

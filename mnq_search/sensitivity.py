@@ -60,12 +60,14 @@ class _Acc:
     n: int = 0
 
     def add(self, x: torch.Tensor, q: torch.Tensor) -> None:
-        x, d = x.double(), (x - q).double()
-        sig = x.norm(dim=1)
-        noise = d.norm(dim=1)
+        from .methods._fast import power_sums
+
+        sxx, sdd = power_sums(x, q)  # float64 per sample, x - q taken in float32
+        sig, noise = sxx.sqrt(), sdd.sqrt()
+        px, pd = sxx / x.shape[1], sdd / x.shape[1]
         tiny = 1e-30
         self.amp += float((sig / (noise + 1e-12 * sig + tiny)).sum())
-        self.power += float(((x * x).mean(dim=1) / ((d * d).mean(dim=1) + 1e-24 * (x * x).mean(dim=1) + tiny)).sum())
+        self.power += float((px / (pd + 1e-24 * px + tiny)).sum())
         self.n += x.shape[0]
 
     def asqnr(self, form: str) -> float:
@@ -90,7 +92,9 @@ def build_method_models(qmodel: QuantModel, methods: Iterable[str], calib_batche
     """One calibrated copy of ``qmodel`` per method (``uniform_for`` assignment)."""
     out = {}
     for method in methods:
-        m = copy.deepcopy(qmodel)
+        # the copies share qmodel's parameters (nothing here changes them): a copy of the modules
+        # and buffers only, 6x faster than a full deep copy
+        m = copy.deepcopy(qmodel, memo={id(p): p for p in qmodel.parameters()})
         m.set_quant(True)
         m.set_assignment(uniform_for(method, m.slot_ops()))
         calibrate(m, calib_batches_fn(), device, progress=progress)

@@ -30,8 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant._fake_quant import _RoundSTE, check_bits
+from ..quant._fake_quant import check_bits, to_grid
+from ._fast import FastPlan, fast_enabled
 from ._intops import FINE_GRID_SCALE, check_range, is_int
+
+PLAN_CACHE_SIZE = 4  # plans kept per module (eval uses one; QAT moves the scale every step)
 
 
 CPU_BLOCK_ELEMENTS = 1 << 16
@@ -42,6 +45,16 @@ row (last dim) on its own, so blocking gives identical results (tested for every
 
 
 def _run_kernel(module: "NonLinearMethod", q: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The method's fast path (:mod:`._fast`) where it has one for this input, else the reference
+    kernel on float-held integers; returns (y float32, s_y float64)."""
+    if fast_enabled():
+        out = module.run_fast(q, s)
+        if out is not None:
+            return out
+    return reference_kernel(module, q, s)
+
+
+def reference_kernel(module: "NonLinearMethod", q: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel on float-held integers: float32 where the method proves every intermediate
     stays below 2**24 at this scale (exact there), float64 otherwise; returns (y float32, s_y)."""
     work = torch.float32 if module.float32_exact(s) else torch.float64
@@ -148,10 +161,38 @@ class NonLinearMethod(nn.Module):
         of ``in_bits``), so the float-held path may run in float32. Default: False (float64)."""
         return False
 
+    def fast_plan(self, s_x: float, row_len: int, device: torch.device) -> FastPlan | None:
+        """Optional: the fast path at input scale ``s_x`` for rows of ``row_len`` (tables and
+        constants, see :mod:`._fast`); None: this method has none and the reference kernel runs."""
+        return None
+
+    def plan_state(self) -> tuple:
+        """What, besides the input scale and row length, the fast plan depends on (calibrated
+        buffers, parameters): a key that changes whenever they do (tensor versions)."""
+        return ()
+
     # --- provided ----------------------------------------------------------------------------
+    def run_fast(self, q: torch.Tensor, s_x: float, integers: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fast path on the input integers ``q`` (a float tensor): (y, s_y) with y float32
+        dequantized, or float64 integers with ``integers=True``; None where it declines."""
+        if q.dim() < 1 or q.numel() == 0:
+            return None
+        key = (float(s_x), q.shape[-1], q.device, self.plan_state())
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            if len(plans) >= PLAN_CACHE_SIZE:
+                plans.pop(next(iter(plans)))
+            plans[key] = self.fast_plan(float(s_x), q.shape[-1], q.device)
+        plan = plans[key]
+        if plan is None:
+            return None
+        y = plan.run(q, integers)
+        return None if y is None else (y, plan.s_y)
+
     def forward(self, x: torch.Tensor, s_x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         s_x = torch.as_tensor(s_x, dtype=torch.float32, device=x.device)
-        q = _RoundSTE.apply(x.float() / s_x)  # x lies on the grid: this removes float error only
+        q = to_grid(x, s_x)  # x lies on the grid: this removes float error only
         return self.forward_q(q, s_x)
 
     def forward_q(self, q: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +238,9 @@ class AffineLayerNorm(NonLinearMethod):
 
     def grad_params(self):
         return tuple(p for p in (self.weight, self.bias) if p is not None)
+
+    def plan_state(self):
+        return tuple((p.data_ptr(), p._version) for p in (self.weight, self.bias) if p is not None)
 
     def float_op(self, x, *params):
         it = iter(params)  # the tensors of grad_params(), in order

@@ -306,25 +306,40 @@ def ln_normalize(y: torch.Tensor, std: torch.Tensor, numerator_minus_one: bool =
     f = check_range(floor_div(2**31 - (1 if numerator_minus_one else 0), torch.clamp(std, min=1)),
                     "layernorm factor", bits=32, signed=False)
     yn = mul_shr(y, f, 1 + k, "layernorm normalized")
-    s_n = torch.tensor(math.sqrt(channels) / 2 ** (30 - k), dtype=torch.float64, device=y.device)
-    return yn, s_n
+    return yn, ln_scale_n(channels, y.device)
 
 
-def ln_affine_bias(yn: torch.Tensor, s_n: torch.Tensor, weight: torch.Tensor | None,
-                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """I-BERT/I-ViT affine: out = yn + floor((beta / gamma) / s_n) at per-channel scale s_n * gamma.
+def ln_scale_n(channels: int, device=None) -> torch.Tensor:
+    """The scale of :func:`ln_normalize`'s output, sqrt(C) / 2**(30 - k) (float64, 0-dim)."""
+    return torch.tensor(math.sqrt(channels) / 2 ** (30 - ln_headroom(channels)), dtype=torch.float64, device=device)
+
+
+def ln_affine_constants(s_n: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer bias b_q, per-channel output scale s_n * gamma), float64, of :func:`ln_affine_bias`.
 
     The scale may be negative (gamma < 0). |gamma| is floored at |beta| / (s_n 2**22) so that the
     integer bias stays below 2**22 (for gamma near 0 the reference's bias overflows); for C = 192
     that floor is |beta| / 192, where the channel's output is beta up to 0.5 % of its normalized input.
+    Without an affine: a zero bias and ``s_n`` in every channel.
     """
     if weight is None:
-        return yn, s_n.expand(yn.shape[-1]) if s_n.dim() == 0 else s_n
+        return torch.zeros(channels, dtype=torch.float64, device=s_n.device), s_n.expand(channels)
     gamma = weight.detach().to(torch.float64)
     beta = (bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(gamma))
     g_min = torch.clamp(beta.abs() / (s_n * 2.0**22), min=1e-12)
     sign = torch.where(gamma < 0, -1.0, 1.0).to(torch.float64)
     gamma = torch.where(gamma.abs() < g_min, sign * g_min, gamma)
     b_q = torch.clamp(torch.floor(beta / gamma / s_n), -(2.0**22), 2.0**22)
+    return b_q, s_n * gamma
+
+
+def ln_affine_bias(yn: torch.Tensor, s_n: torch.Tensor, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-BERT/I-ViT affine: out = yn + floor((beta / gamma) / s_n) at per-channel scale s_n * gamma
+    (constants from :func:`ln_affine_constants`)."""
+    if weight is None:
+        return yn, s_n.expand(yn.shape[-1]) if s_n.dim() == 0 else s_n
+    b_q, scale = ln_affine_constants(s_n, weight, bias, yn.shape[-1])
     out = check_range(yn + as_kind(b_q, yn), "layernorm output")
-    return out, s_n * gamma
+    return out, scale

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce_
 from ._base import AffineLayerNorm, NonLinearMethod
-from ._intops import (as_kind, bitlen, check_range, exp_to_uint16, floor_div, i_exp, isqrt, ln_affine_bias,
-                      ln_center, ln_normalize, mul_shr, prescale, shl, shr)
+from ._fast import HAVE_NUMBA, fast_enabled, jit, softmax_divide_kernel
+from ._intops import (bitlen, check_range, exp_to_uint16, floor_div, i_exp, isqrt, ln_affine_bias, ln_center,
+                      ln_normalize, mul_shr, prescale, shl, shr)
 from ._registry import register_method
+from ._tables import TableSoftmax, elementwise_plan, layernorm_plan
 
 
 @register_method("softmax", "ibert")
-class IBertSoftmax(NonLinearMethod):
+class IBertSoftmax(TableSoftmax):
     """Softmax with i-exp, a 16-bit requantization of the exponentials and one integer division.
 
     Row max subtracted -> i-exp (n <= 15, see :func:`._intops.i_exp`) -> shift to unsigned 16 bits
@@ -29,19 +32,23 @@ class IBertSoftmax(NonLinearMethod):
     ``bits`` = B: the output is unsigned B-bit at scale 2**-B. A probability of 1 would give 2**B,
     which is clamped to 2**B - 1. The 16-bit requantization uses a right shift by the known bound
     of the exponential (the reference uses a calibrated 16-bit activation quantizer).
+    Fast path: the 16-bit exponentials as a table of ``rowmax - q`` (:class:`._tables.TableSoftmax`).
     """
 
-    def kernel(self, q, s_x):
-        q = q - q.amax(dim=-1, keepdim=True)
-        e, s_e, bound = i_exp(q, s_x, s_max=self.exp_s_max)
-        e16, _ = exp_to_uint16(e, s_e, bound, q.shape[-1])
+    def exp_part(self, q_rel, s_x, row_len):
+        e, s_e, bound = i_exp(q_rel, s_x, s_max=self.exp_s_max)
+        return exp_to_uint16(e, s_e, bound, row_len)[0]
+
+    def row_part(self, e16):
         total = check_range(e16.sum(dim=-1, keepdim=True), "softmax sum")
         f = check_range(floor_div(2**32, total), "softmax factor")
-        out = torch.clamp(mul_shr(e16, f, 32 - self.bits, "softmax output"), 0, 2**self.bits - 1)
-        return out, 2.0**-self.bits
+        return torch.clamp(mul_shr(e16, f, 32 - self.bits, "softmax output"), 0, 2**self.bits - 1)
 
-    def float_op(self, x):
-        return torch.softmax(x, dim=-1)
+    def out_scale(self):
+        return 2.0**-self.bits
+
+    def cpu_row_kernel(self):
+        return softmax_divide_kernel, lambda scale: (2**32, 32 - self.bits, 2**self.bits - 1, 2**62, scale)
 
 
 ERF_A = -0.2888
@@ -95,6 +102,9 @@ class IBertGELU(NonLinearMethod):
     def float_op(self, x):
         return F.gelu(x)
 
+    def fast_plan(self, s_x, row_len, device):
+        return elementwise_plan(self, s_x, device)
+
 
 @register_method("layernorm", "ibert")
 class IBertLayerNorm(AffineLayerNorm):
@@ -115,9 +125,12 @@ class IBertLayerNorm(AffineLayerNorm):
         self.register_buffer("var_shift", torch.zeros((), dtype=torch.int64))
 
     def observe(self, x, s_x):
-        q = torch.floor(x.double() / float(s_x) + 0.5)
-        y = ln_center(q)
-        var_max = all_reduce_((y * y).sum(dim=-1).max(), "max")
+        var_max = _max_row_variance_cpu(x, float(s_x))
+        if var_max is None:
+            q = torch.floor(x.double() / float(s_x) + 0.5)
+            y = ln_center(q)
+            var_max = (y * y).sum(dim=-1).max()
+        var_max = all_reduce_(var_max, "max")
         need = torch.clamp(torch.ceil((bitlen(var_max) - 31) / 2), min=0).to(torch.int64)
         self.var_shift.copy_(torch.maximum(self.var_shift, need))
 
@@ -130,3 +143,36 @@ class IBertLayerNorm(AffineLayerNorm):
         std = shl(isqrt(var), shift)
         yn, s_n = ln_normalize(y, std)
         return ln_affine_bias(yn, s_n, self.weight, self.bias)
+
+    def plan_state(self):
+        return (self.var_shift._version, self.var_shift.data_ptr(), *super().plan_state())
+
+    def fast_plan(self, s_x, row_len, device):
+        return layernorm_plan(self, row_len, device, int(self.var_shift), 2**32 - 1, 2**31)
+
+
+
+@jit
+def _max_row_variance_kernel(x, s):
+    """max over rows of sum (q - round(mean q))**2, q = round(x / s): :meth:`IBertLayerNorm.observe`."""
+    best = 0.0
+    channels = x.shape[1]
+    for r in range(x.shape[0]):
+        total = 0
+        for c in range(channels):
+            total += np.int64(np.floor(np.float64(x[r, c]) / s + 0.5))
+        mean = (2 * total + channels) // (2 * channels)
+        var = 0
+        for c in range(channels):
+            y = np.int64(np.floor(np.float64(x[r, c]) / s + 0.5)) - mean
+            var += y * y
+        if var > best:
+            best = np.float64(var)
+    return best
+
+
+def _max_row_variance_cpu(x: torch.Tensor, s: float) -> torch.Tensor | None:
+    if not (HAVE_NUMBA and fast_enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel()):
+        return None
+    x2 = x.reshape(-1, x.shape[-1]).contiguous().numpy()
+    return torch.tensor(_max_row_variance_kernel(x2, s), dtype=torch.float64)

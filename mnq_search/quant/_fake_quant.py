@@ -45,10 +45,39 @@ class _RoundClampSTE(torch.autograd.Function):
         return g * inside, None, None
 
 
+class _QuantizeSTE(torch.autograd.Function):
+    """:class:`_RoundClampSTE` applied to ``x / scale`` (constant scale), forward in one fused pass;
+    the gradient is the same: ``g * inside / scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, q, inside):
+        ctx.save_for_backward(inside, scale)
+        return q
+
+    @staticmethod
+    def backward(ctx, g):
+        inside, scale = ctx.saved_tensors
+        from ..methods._fast import ste_backward_cpu
+
+        fused = ste_backward_cpu(g, inside, scale)
+        return (g * inside) / scale if fused is None else fused, None, None, None
+
+
 def quantize_ste(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Integer-valued ``clamp(round_half_up(x / scale))`` with the STE of Eq. 2 (float tensor)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        if not scale.requires_grad:
+            from ..methods._fast import quantize_mask_cpu
+
+            fused = quantize_mask_cpu(x, scale, qmin, qmax)
+            if fused is not None:
+                return _QuantizeSTE.apply(x, scale, *fused)
         return _RoundClampSTE.apply(x / scale, qmin, qmax)
+    from ..methods._fast import quantize_cpu
+
+    fused = quantize_cpu(x, scale, qmin, qmax)
+    if fused is not None:
+        return fused
     return torch.floor_(x / scale + 0.5).clamp_(qmin, qmax)  # no gradient wanted: no masks
 
 
@@ -67,9 +96,31 @@ def round_ste(v: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(v)
 
 
+class _ToGridSTE(torch.autograd.Function):
+    """``round_ste(x / scale)`` (constant per-tensor scale) with its forward in one fused pass; the
+    gradient is the same, ``g / scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, q):
+        ctx.save_for_backward(scale)
+        return q
+
+    @staticmethod
+    def backward(ctx, g):
+        (scale,) = ctx.saved_tensors
+        return g / scale, None, None
+
+
 def to_grid(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The integers of a tensor that lies on the grid of ``scale`` (removes float error, STE)."""
-    return round_ste(x.float() / scale)
+    x = x.float()
+    if not scale.requires_grad:
+        from ..methods._fast import quantize_cpu
+
+        q = quantize_cpu(x.detach(), scale, -float("inf"), float("inf"))  # floor(x / s + 1/2), one pass
+        if q is not None:
+            return _ToGridSTE.apply(x, scale, q) if torch.is_grad_enabled() and x.requires_grad else q
+    return round_ste(x / scale)
 
 
 class ActQuant(nn.Module):
@@ -115,6 +166,23 @@ class ActQuant(nn.Module):
         s = self.scale
         qmin, qmax = qrange(self.bits)
         return quantize_ste(x, s, qmin, qmax), s
+
+    def quantize_int8(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Without gradients: (the integers of x as an int8 tensor, scale) in one fused pass on the
+        CPU, for the integer GEMM of the linear layers; None where that path does not apply (off,
+        gradients wanted, other devices)."""
+        if not self._enabled or torch.is_grad_enabled():
+            return None
+        from ..methods._fast import quantize_int8_cpu
+
+        x = x.float()
+        if x.device.type != "cpu":
+            return None
+        if self.training:
+            self.observer.update(x)
+        s = self.scale
+        q8 = quantize_int8_cpu(x, s, *qrange(self.bits))
+        return None if q8 is None else (q8, s)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

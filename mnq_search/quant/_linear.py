@@ -32,6 +32,34 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def _int_gemm_ok(q_x: torch.Tensor) -> bool:
+    from ..methods._fast import HAVE_INT_MM, fast_enabled
+
+    return HAVE_INT_MM and q_x.device.type == "cpu" and q_x.dtype == torch.float32 and fast_enabled()
+
+
+class _IntGemmSTE(torch.autograd.Function):
+    """``q_x @ w_int^T`` for integer-valued float operands (8 bits or fewer) as an int8 x int8 GEMM
+    with exact int32 accumulators (``torch._int_mm``, CPU); the backward is the float product rule
+    of ``F.linear`` (``g @ w``, ``g^T @ x``), the straight-through estimator's."""
+
+    @staticmethod
+    def forward(ctx, q_x, w_int):
+        ctx.save_for_backward(q_x, w_int)
+        k, n = w_int.shape[1], w_int.shape[0]
+        w8t = w_int.detach().to(torch.int8).t().contiguous()
+        acc = torch._int_mm(q_x.detach().reshape(-1, k).to(torch.int8), w8t)
+        return acc.float().view(*q_x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, g):
+        q_x, w_int = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        g_x = (g2 @ w_int).view(q_x.shape) if ctx.needs_input_grad[0] else None
+        g_w = g2.t() @ q_x.reshape(-1, q_x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return g_x, g_w
+
+
 class _WeightQuantMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
@@ -100,11 +128,38 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         """Like forward, from the integers ``q_x`` (integer-valued float tensor) of the input."""
         w_int, s_w = self.quant_weight()
         s_acc = s_x * s_w
-        acc = F.linear(q_x, w_int).float()
+        acc = _IntGemmSTE.apply(q_x, w_int) if _int_gemm_ok(q_x) else F.linear(q_x, w_int).float()
         b = self.bias_int(s_acc)
+        if not (torch.is_grad_enabled() and acc.requires_grad):
+            from ..methods._fast import bias_scale_cpu
+
+            if bias_scale_cpu(acc, b, s_acc) is not None:
+                return acc, s_acc
         if b is not None:
             acc = acc + b.float()
         return acc * s_acc, s_acc
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weight integers as int8, transposed to (in, out) for the GEMM, per-channel scale);
+        cached with :meth:`quant_weight`'s cache."""
+        w_int, s_w = self.quant_weight()
+        cache = getattr(self, "_w8_cache", None)
+        if cache is not None and cache[0] is w_int:
+            return cache[1], s_w
+        w8t = w_int.detach().to(torch.int8).t().contiguous()
+        self._w8_cache = (w_int, w8t)
+        return w8t, s_w
+
+    @torch.no_grad()
+    def forward_int8(self, q8: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like :meth:`forward_q` without gradients, from int8 input integers: int8 x int8 GEMM with
+        exact int32 accumulators (``torch._int_mm``; CPU). The accumulator equals the float-held
+        path's wherever that one is exact (every partial sum below 2**24: K * 2**14 < 2**24, K <= 1024)."""
+        from ..methods._fast import int_linear_cpu
+
+        w8t, s_w = self.int8_weight()
+        s_acc = s_x * s_w
+        return int_linear_cpu(q8, w8t, self.bias_int(s_acc), s_acc), s_acc
 
     @torch.no_grad()
     def forward_int(self, q_x: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +223,11 @@ class QuantMatMul(nn.Module):
     def forward(self, a: torch.Tensor, s_a: torch.Tensor | None, b: torch.Tensor, s_b: torch.Tensor | None):
         if s_a is None or s_b is None:
             return a @ b, None
-        return (to_grid(a, s_a) @ to_grid(b, s_b)) * (s_a * s_b), s_a * s_b
+        return self.forward_q(to_grid(a, s_a), s_a, to_grid(b, s_b), s_b)
+
+    def forward_q(self, qa: torch.Tensor, s_a: torch.Tensor, qb: torch.Tensor, s_b: torch.Tensor):
+        """Like forward, from the integers of both operands (integer-valued float tensors)."""
+        return (qa @ qb) * (s_a * s_b), s_a * s_b
 
     @torch.no_grad()
     def forward_int(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:

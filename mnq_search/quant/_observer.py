@@ -33,7 +33,7 @@ class MinMaxObserver(nn.Module):
 
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channel_dim is None:
-            return x.min(), x.max()
+            return torch.aminmax(x)  # one pass
         dims = [d for d in range(x.dim()) if d != self.channel_dim % x.dim()]
         return x.amin(dim=dims), x.amax(dim=dims)
 

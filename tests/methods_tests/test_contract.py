@@ -197,18 +197,21 @@ def test_registry_refuses_duplicates():
 @pytest.mark.parametrize("op, method", ALL)
 @pytest.mark.parametrize("bits", [8, 6])
 def test_cpu_row_blocks_give_the_same_output(op, method, bits, monkeypatch):
-    """The CPU path runs the kernel over blocks of rows; each kernel must treat rows on their own,
-    so blocks of 7 rows (with a ragged last block) give exactly the whole-tensor result."""
+    """The reference path runs the kernel over blocks of rows on the CPU; each kernel must treat rows
+    on their own, so blocks of 7 rows (with a ragged last block) give exactly the whole-tensor result
+    (the fast path's blocks: tests/methods_tests/test_fast.py)."""
     import mnq_search.methods._base as base
+    from mnq_search.methods._fast import fast_kernels
 
     x, s = realistic_input(op, bits, tokens=50) if op != "layernorm" else realistic_input(op, tokens=50, channels=64)
     mod = calibrate(build(op, method, bits), x, s)
-    monkeypatch.setattr(base, "CPU_BLOCK_ELEMENTS", 10**9)
-    whole, s_whole = mod(x, s)
-    monkeypatch.setattr(base, "CPU_BLOCK_ELEMENTS", 7 * x.shape[-1] + 1)
-    assert x.numel() > 2 * base.CPU_BLOCK_ELEMENTS and (x.numel() // x.shape[-1]) % 7
-    blocked, s_blocked = mod(x, s)
-    assert torch.equal(blocked, whole) and torch.equal(s_blocked, s_whole)
-    x.requires_grad_(True)
-    y, _ = mod(x, s)  # the training path (STE) takes the blocked kernel too
+    with fast_kernels(False):
+        monkeypatch.setattr(base, "CPU_BLOCK_ELEMENTS", 10**9)
+        whole, s_whole = mod(x, s)
+        monkeypatch.setattr(base, "CPU_BLOCK_ELEMENTS", 7 * x.shape[-1] + 1)
+        assert x.numel() > 2 * base.CPU_BLOCK_ELEMENTS and (x.numel() // x.shape[-1]) % 7
+        blocked, s_blocked = mod(x, s)
+        assert torch.equal(blocked, whole) and torch.equal(s_blocked, s_whole)
+        x.requires_grad_(True)
+        y, _ = mod(x, s)  # the training path (STE) takes the blocked kernel too
     assert torch.equal(y.detach(), whole)
