@@ -6,16 +6,15 @@ ICCV 2023. Facts from ``shared/spec/nonlinear-methods.md`` section 4.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._base import AffineLayerNorm, NonLinearMethod
-from ._fast import FastPlan, floor_div_i64, jit, softmax_divide_kernel
+from ._fast import softmax_divide_kernel
 from ._intops import (INT32_MAX, check_range, floor_div, isqrt, ln_affine_bias, ln_center, ln_normalize,
-                      mul_shr, shift_exp, shr)
+                      mul_shr, shift_exp)
 from ._registry import register_method
-from ._tables import TableSoftmax, layernorm_plan
+from ._tables import TableSoftmax, elementwise_plan, layernorm_plan
 
 SIGMOID_BITS = 8  # ShiftGELU's internal sigmoid width (I-ViT: 8)
 
@@ -49,101 +48,40 @@ class IViTSoftmax(TableSoftmax):
 
 @register_method("gelu", "ivit")
 class IViTGELU(NonLinearMethod):
-    """ShiftGELU: x * sigmoid(1.702 x), with 1.702 q ~ q + q>>1 + q>>3 + q>>4 and
-    sigmoid(z) = e^(z-m) / (e^(z-m) + e^-m) by shift-exp (n <= 23); the sigmoid is 8-bit at scale
-    2**-7 and the output ``q * sigmoid`` has scale ``S 2**-7`` (|out| < 2**15 for 8-bit inputs).
+    """ShiftGELU: x * sigmoid(1.702 x), sigmoid(z) = e^(z-m) / (e^(z-m) + e^-m) by shift-exp (n <= 23)
+    at the scale 1.702 S (the 1.702 is a constant of the scale, as in the reference); the sigmoid is
+    8-bit at scale 2**-7 and the output ``q * sigmoid`` has scale ``S 2**-7`` (|out| < 2**15 for
+    8-bit inputs).
 
-    Deviation: m, the row max, is floored at 0 (the reference feeds shift-exp a positive input
-    -m when a whole row is negative, where it overflows). ``bits`` sets only the input width.
+    Deviation: m = max(0, q) per element, where the reference takes the row maximum. Both keep every
+    exponent at or below 0 and give the same sigmoid in exact arithmetic; with the row maximum, a row
+    holding one large value pushes every other element's e^(z-m) and the shared e^-m below shift-exp's
+    2**-n floor, where the sigmoid of the whole row collapses to 1/2 (on long-tailed FC1 outputs the
+    reference loses 4-8 dB to this, see BENCHMARKS.md section 1). Per element, nothing couples the
+    elements of a row, so the method is an element-wise table. ``bits`` sets only the input width.
+    (Earlier versions took the row maximum, and multiplied the integers by 1.702 with shifts,
+    q + q>>1 + q>>3 + q>>4 = 1.6875 q floored term by term.)
     """
 
-    @staticmethod
-    def scale_1702(q: torch.Tensor) -> torch.Tensor:
-        """1.702 q ~ q + q>>1 + q>>3 + q>>4 (non-decreasing in q)."""
-        return q + shr(q, 1) + shr(q, 3) + shr(q, 4)
+    SIGMOID_GAIN = 1.702
 
     def exp_part(self, z: torch.Tensor, s_x: float) -> torch.Tensor:
-        """shift-exp of ``z <= 0`` (n <= 23)."""
-        return shift_exp(z, s_x, n_max=23, headroom_bits=1, s_max=self.exp_s_max)[0]
+        """shift-exp of ``z <= 0`` at scale 1.702 s_x (n <= 23)."""
+        return shift_exp(z, self.SIGMOID_GAIN * s_x, n_max=23, headroom_bits=1, s_max=self.exp_s_max)[0]
 
-    def sigmoid_part(self, q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``q * sigmoid`` from ``a = exp(q1 - m)`` and ``b = exp(-m)``: 8-bit sigmoid a / (a + b)."""
+    def kernel(self, q, s_x):
+        m = torch.clamp(q, min=0)
+        a, b = self.exp_part(q - m, s_x), self.exp_part(-m, s_x)
         den = check_range(a + b, "gelu sigmoid denominator")
         f = floor_div(INT32_MAX, den)
         sig = mul_shr(a, f, 32 - SIGMOID_BITS, "gelu sigmoid")
-        return check_range(q * sig, "gelu output")
-
-    def out_scale(self, s_x: float) -> float:
-        return s_x * 2.0 ** -(SIGMOID_BITS - 1)
-
-    def kernel(self, q, s_x):
-        q1 = self.scale_1702(q)
-        m = torch.clamp(q1.amax(dim=-1, keepdim=True), min=0)
-        return self.sigmoid_part(q, self.exp_part(q1 - m, s_x), self.exp_part(-m, s_x)), self.out_scale(s_x)
+        return check_range(q * sig, "gelu output"), s_x * 2.0 ** -(SIGMOID_BITS - 1)
 
     def float_op(self, x):
         return F.gelu(x)
 
     def fast_plan(self, s_x, row_len, device):
-        """Both exponentials from one table ``E[j] = exp(-j)`` over the differences ``m - q1`` and the
-        maxima ``m`` an ``in_bits``-bit input gives; the rest per element in a compiled loop."""
-        lo, hi = -(2 ** (self.in_bits - 1)), 2 ** (self.in_bits - 1) - 1
-        q1_lo, q1_hi = (int(self.scale_1702(torch.tensor(v))) for v in (lo, hi))
-        table = self.exp_part(-torch.arange(max(q1_hi, 0) - min(q1_lo, 0) + 1, dtype=torch.int64), s_x)
-        s_y = torch.tensor(self.out_scale(s_x), dtype=torch.float64, device=device)
-        table_t = table.to(device)
-
-        def torch_fn(qf, integers):
-            q = qf.long()
-            if bool((q < lo).any() | (q > hi).any()):
-                return None
-            q1 = self.scale_1702(q)
-            m = torch.clamp(q1.amax(dim=-1, keepdim=True), min=0)
-            o = self.sigmoid_part(q, table_t[m - q1], table_t[m])
-            return o.double() if integers else (o.double() * s_y).float()
-
-        head = (table.numpy(), lo, hi)
-        return FastPlan(s_y, _shift_gelu_kernel, head + (float(s_y),), lambda: head + (1.0,), torch_fn)
-
-
-@jit
-def _shift_gelu_kernel(q, out, table, lo, hi, out_scale):
-    """:meth:`IViTGELU.kernel` per row with ``exp(-j) = table[j]``, int64 registers. The output is a
-    function of (m, q): it is computed once per value of m met in this call, for every q of the grid,
-    and then looked up (rows with the same m share it)."""
-    span = hi - lo + 1
-    m_max = hi + (hi >> 1) + (hi >> 3) + (hi >> 4)
-    cache = np.empty((max(m_max, 0) + 1, span), np.float64)
-    filled = np.zeros(max(m_max, 0) + 1, np.bool_)
-    for r in range(q.shape[0]):
-        v = q[r, 0]
-        for c in range(1, q.shape[1]):
-            if q[r, c] > v:
-                v = q[r, c]
-        vi = np.int64(v)
-        if vi < lo or vi > hi:
-            return False
-        m = vi + (vi >> 1) + (vi >> 3) + (vi >> 4)
-        if m < 0:
-            m = 0
-        if not filled[m]:
-            b = table[m]
-            for i in range(span):
-                qi = lo + i
-                d = m - (qi + (qi >> 1) + (qi >> 3) + (qi >> 4))
-                if d < 0:  # q above every row maximum with this m: never looked up
-                    cache[m, i] = 0.0
-                    continue
-                a = table[d]
-                f = floor_div_i64(INT32_MAX, a + b)
-                cache[m, i] = np.float64(qi * ((a * f) >> (32 - SIGMOID_BITS))) * out_scale
-            filled[m] = True
-        for c in range(q.shape[1]):
-            i = np.int64(q[r, c]) - lo
-            if i < 0:
-                return False
-            out[r, c] = cache[m, i]
-    return True
+        return elementwise_plan(self, s_x, device)
 
 
 @register_method("layernorm", "ivit")
