@@ -58,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, info = load_model(args.model)
     data = open_data(None, model, default=info.data)
-    x, _ = next(data.eval_batches(args.batch, args.batch, 0))
+    x, _ = next(data.eval_batches(args.batch, args.batch))
     times: dict[str, float] = defaultdict(float)
     depth = [0]
 
@@ -102,7 +102,7 @@ def main() -> None:
     for method in args.methods.split(","):
         q = convert_model(model, 8)
         q.set_assignment(uniform_for(method, q.slot_ops()))
-        calibrate(q, data.calib_batches(128, args.batch, 0))
+        calibrate(q, data.calib_batches(128, args.batch))
         q.eval()
         with torch.inference_mode():
             for _ in range(2):

@@ -91,7 +91,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                         "(default: every uniform and greedy strategy)")
     g.add_argument("--qat-steps", metavar="N", type=int, default=None, help=f"QAT steps per trial of the qat objective (default: {D.qat_steps})")
     g.add_argument("--qat-holdout", metavar="N", type=int, default=None,
-                   help=f"training images held out of QAT for the qat objective's top-1 (default: {D.qat_holdout})")
+                   help=f"validation images the qat objective's top-1 is measured on (default: {D.qat_holdout})")
     g.add_argument("--qat-eval-every", metavar="N", type=int, default=None,
                    help="evaluate and report to the pruner every N QAT steps (default: per epoch and at the end)")
     g.add_argument("--cost-table", metavar="FILE", default=None,

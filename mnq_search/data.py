@@ -2,8 +2,10 @@
 
 A data set is named by a *spec* string:
 
-- ``fmnist`` (default): Fashion-MNIST from the Debian package ``dataset-fashion-mnist``
-  (``/usr/share/datasets/fashion-mnist``), ``$MNQ_FMNIST_DIR``, or a torchvision download folder;
+- ``fmnist`` (default): Fashion-MNIST from ``$MNQ_FMNIST_DIR`` if set, else the Debian package
+  ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``) or a torchvision download
+  folder; when none is there, the default run's own images, which ship with the package
+  (:mod:`mnq_search.embedded`);
 - ``fmnist:PATH``: the four idx ``.gz`` files in PATH (or PATH/FashionMNIST/raw);
 - ``imagefolder:PATH``: an ImageNet-style tree with ``train/`` and ``val/`` class folders (or class
   folders directly in PATH, used for every split), preprocessed with the model's own timm config.
@@ -33,7 +35,7 @@ _FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-_FMNIST_HINT = ("install the Debian package 'dataset-fashion-mnist' (apt install dataset-fashion-mnist), "
+FMNIST_HINT = ("install the Debian package 'dataset-fashion-mnist' (apt install dataset-fashion-mnist), "
                 "set MNQ_FMNIST_DIR to a folder with the four idx .gz files, or pass --download to "
                 "fetch it with torchvision")
 
@@ -41,10 +43,9 @@ _FMNIST_HINT = ("install the Debian package 'dataset-fashion-mnist' (apt install
 def _fmnist_candidates(path: str | None) -> list[Path]:
     if path:
         return [Path(path), Path(path) / "FashionMNIST" / "raw"]
-    out = []
-    if os.environ.get("MNQ_FMNIST_DIR"):
-        out.append(Path(os.environ["MNQ_FMNIST_DIR"]))
-    out += [Path("/usr/share/datasets/fashion-mnist"),
+    if os.environ.get("MNQ_FMNIST_DIR"):  # set: the only place looked at
+        return [Path(os.environ["MNQ_FMNIST_DIR"])]
+    out = [Path("/usr/share/datasets/fashion-mnist"),
             Path.home() / ".cache" / "mnq-search" / "FashionMNIST" / "raw"]
     return out
 
@@ -61,7 +62,7 @@ def find_fmnist(path: str | None = None, download: bool = False) -> Path:
         FashionMNIST(str(root), train=False, download=True)
         return root / "FashionMNIST" / "raw"
     where = path or "the default places"
-    raise UsageError(f"Fashion-MNIST not found in {where}: {_FMNIST_HINT}")
+    raise UsageError(f"Fashion-MNIST not found in {where}: {FMNIST_HINT}")
 
 
 def _read_idx(file: Path) -> np.ndarray:
@@ -172,46 +173,107 @@ def iterate_batches(split: TensorSplit, batch_size: int, pad_to: int | None = No
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
+VALIDATION_SIZE = 5000  # training images held out of every training run: the validation split
+CALIB_SEED = 0  # the calibration images are the same for every --seed (only the search and QAT vary)
+EVAL_SEED = 0  # likewise the evaluation subset, so runs compare on one set
+
+
 class DataSource:
-    """Calibration images (from the training split), evaluation images (held-out split) and
-    training batches, all seeded. Subclasses: :class:`FmnistSource`, :class:`ImageFolderSource`."""
+    """Three disjoint sets of images and the training batches, all seeded:
+
+    - **calibration**: a fixed seeded subset of the training split *minus* the validation split;
+    - **validation**: :data:`VALIDATION_SIZE` training images (a tenth of a smaller training
+      split) held out of every training run (QAT excludes them; the project's own zoo models were
+      pretrained without them, the embedded default was not) and used by whatever selects on
+      accuracy or loss (Optuna objectives, ``sequential``, ``coordinate``);
+    - **evaluation** (test): a fixed seeded subset of the test split, or all of it; only final
+      numbers use it.
+
+    Subclasses: :class:`FmnistSource`, :class:`ImageFolderSource`, and the embedded subset
+    (:mod:`mnq_search.embedded`)."""
 
     spec: str = ""
 
-    def calib_batches(self, n: int, batch_size: int, seed: int) -> Batches:
+    @property
+    def validation_size(self) -> int:
+        return validation_size(self.train_size)
+
+    @property
+    def train_size(self) -> int:
         raise NotImplementedError
 
-    def eval_batches(self, n: int | None, batch_size: int, seed: int) -> Batches:
+    def calib_batches(self, n: int, batch_size: int, seed: int = CALIB_SEED) -> Batches:
         raise NotImplementedError
+
+    def eval_batches(self, n: int | None, batch_size: int, seed: int = EVAL_SEED) -> Batches:
+        raise NotImplementedError
+
+    def validation_batches(self, n: int, batch_size: int) -> Batches:
+        """``n`` images of the validation split (the same n for every call, nested: the first 2,000
+        are part of the first 5,000)."""
+        raise NotImplementedError
+
+    def require(self, eval_size: int | None = None, calib_size: int = 0, training: bool = False,
+                validation: int = 0) -> None:
+        """Raise a one-line UsageError now, before any work, if the data set cannot serve a run that
+        evaluates ``eval_size`` images (None: all), calibrates on ``calib_size``, trains (QAT), or
+        scores ``validation`` images of the validation split."""
+        if validation > self.validation_size:
+            raise UsageError(f"the validation split has {self.validation_size} images; asked for {validation}")
 
     def eval_size(self, n: int | None) -> int:
         raise NotImplementedError
 
-    def train_batches(self, epoch: int, batch_size: int, seed: int, holdout: int = 0, rank: int = 0,
+    def train_batches(self, epoch: int, batch_size: int, seed: int, holdout: int | None = None, rank: int = 0,
                       world: int = 1) -> Batches:
-        """Augmented training batches of one epoch: a permutation of the training split (minus the
-        ``holdout`` images) that depends only on (seed, epoch); each *global* batch of ``batch_size``
-        is cut into ``world`` interleaved slices and this rank gets slice ``rank`` (last partial
-        batch dropped), with the same augmentation it would get in a single process."""
+        """Augmented training batches of one epoch: a permutation of the training split minus the
+        ``holdout`` images (None: the validation split; a larger holdout contains it) that depends
+        only on (seed, epoch); each *global* batch of ``batch_size`` is cut into ``world`` interleaved
+        slices and this rank gets slice ``rank`` (last partial batch dropped), with the same
+        augmentation it would get in a single process."""
         raise NotImplementedError
 
-    def steps_per_epoch(self, batch_size: int, holdout: int = 0) -> int:
-        raise NotImplementedError
+    def steps_per_epoch(self, batch_size: int, holdout: int | None = None) -> int:
+        return (self.train_size - (self.validation_size if holdout is None else holdout)) // batch_size
 
-    def holdout_batches(self, n: int, batch_size: int) -> Batches:
-        """The ``n`` held-out training images (never used by :meth:`train_batches` with the same
-        ``holdout``), for model selection without touching the test split."""
-        raise NotImplementedError
+    def check_holdout(self, holdout: int | None) -> int:
+        """The training images a QAT run holds out: at least the validation split."""
+        holdout = self.validation_size if holdout is None else holdout
+        if holdout < self.validation_size:
+            raise UsageError(f"a training run must hold out at least the {self.validation_size} validation "
+                             f"images, got {holdout}")
+        return holdout
 
 
 HOLDOUT_SEED = 1234  # the held-out part of the training split is fixed, whatever --seed is
 
 
+def validation_size(n_train: int) -> int:
+    """:data:`VALIDATION_SIZE`, or a tenth of a training split smaller than ten times that."""
+    return min(VALIDATION_SIZE, n_train // 10)
+
+
 def _holdout_split(n_total: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) indices: the last ``holdout`` of one fixed permutation are held out, so a
+    smaller holdout is part of a larger one (the validation split is part of every training holdout)."""
     if holdout < 0 or holdout >= n_total:
         raise UsageError(f"holdout size must be in [0, {n_total}), got {holdout}")
     perm = torch.randperm(n_total, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     return perm[: n_total - holdout].sort().values, perm[n_total - holdout:].sort().values
+
+
+def calibration_indices(n_train: int, n: int, seed: int = CALIB_SEED) -> torch.Tensor:
+    """The calibration images: a seeded subset of the training split outside the validation split."""
+    keep, _ = _holdout_split(n_train, validation_size(n_train))
+    return keep[seeded_subset(len(keep), n, seed)]
+
+
+def validation_indices(n_train: int, n: int) -> torch.Tensor:
+    """``n`` images of the validation split (the last n of the holdout permutation: nested)."""
+    size = validation_size(n_train)
+    if not 0 < n <= size:
+        raise UsageError(f"the validation split has {size} images; asked for {n}")
+    return _holdout_split(n_train, n)[1]
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -225,20 +287,25 @@ class FmnistSource(DataSource):
         self.test = load_fmnist("test", path, download)
         self.pad_to = pad_to
 
-    def calib_batches(self, n, batch_size, seed):
-        return iterate_batches(self.train.subset(seeded_subset(len(self.train), n, seed)), batch_size, self.pad_to)
+    @property
+    def train_size(self):
+        return len(self.train)
 
-    def eval_batches(self, n, batch_size, seed):
+    def calib_batches(self, n, batch_size, seed=CALIB_SEED):
+        return iterate_batches(self.train.subset(calibration_indices(len(self.train), n, seed)), batch_size,
+                               self.pad_to)
+
+    def eval_batches(self, n, batch_size, seed=EVAL_SEED):
         return iterate_batches(self.test.subset(seeded_subset(len(self.test), n, seed)), batch_size, self.pad_to)
+
+    def validation_batches(self, n, batch_size):
+        return iterate_batches(self.train.subset(validation_indices(len(self.train), n)), batch_size, self.pad_to)
 
     def eval_size(self, n):
         return len(self.test) if n is None else min(n, len(self.test))
 
-    def steps_per_epoch(self, batch_size, holdout=0):
-        return (len(self.train) - holdout) // batch_size
-
-    def train_batches(self, epoch, batch_size, seed, holdout=0, rank=0, world=1, max_shift=2):
-        keep, _ = _holdout_split(len(self.train), holdout)
+    def train_batches(self, epoch, batch_size, seed, holdout=None, rank=0, world=1, max_shift=2):
+        keep, _ = _holdout_split(len(self.train), self.validation_size if holdout is None else holdout)
         order = keep[_epoch_order(len(keep), seed, epoch)]
         for step in range(len(order) // batch_size):
             idx = order[step * batch_size:(step + 1) * batch_size]
@@ -248,9 +315,6 @@ class FmnistSource(DataSource):
             imgs = augment_shift_flip(self.train.images[idx], None, max_shift, params=tuple(params))
             yield normalize_fmnist(imgs, self.pad_to), self.train.labels[idx]
 
-    def holdout_batches(self, n, batch_size):
-        _, held = _holdout_split(len(self.train), n)
-        return iterate_batches(self.train.subset(held), batch_size, self.pad_to)
 
 
 class ImageFolderSource(DataSource):
@@ -280,28 +344,32 @@ class ImageFolderSource(DataSource):
         self.spec = f"imagefolder:{path}"
         self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
 
-    def _batches(self, ds, n, batch_size, seed):
+    @property
+    def train_size(self):
+        return len(self.train)
+
+    def _loader(self, ds, index: torch.Tensor, batch_size: int):
         from torch.utils.data import DataLoader, Subset
 
-        sub = Subset(ds, seeded_subset(len(ds), n, seed).tolist())
-        return iter(DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=self.workers))
+        return iter(DataLoader(Subset(ds, index.tolist()), batch_size=batch_size, shuffle=False,
+                               num_workers=self.workers))
 
-    def calib_batches(self, n, batch_size, seed):
-        return self._batches(self.train, n, batch_size, seed)
+    def calib_batches(self, n, batch_size, seed=CALIB_SEED):
+        return self._loader(self.train, calibration_indices(len(self.train), n, seed), batch_size)
 
-    def eval_batches(self, n, batch_size, seed):
-        return self._batches(self.val, n, batch_size, seed)
+    def eval_batches(self, n, batch_size, seed=EVAL_SEED):
+        return self._loader(self.val, seeded_subset(len(self.val), n, seed), batch_size)
+
+    def validation_batches(self, n, batch_size):
+        return self._loader(self.train, validation_indices(len(self.train), n), batch_size)
 
     def eval_size(self, n):
         return len(self.val) if n is None else min(n, len(self.val))
 
-    def steps_per_epoch(self, batch_size, holdout=0):
-        return (len(self.train) - holdout) // batch_size
-
-    def train_batches(self, epoch, batch_size, seed, holdout=0, rank=0, world=1):
+    def train_batches(self, epoch, batch_size, seed, holdout=None, rank=0, world=1):
         from torch.utils.data import DataLoader, Subset
 
-        keep, _ = _holdout_split(len(self.train), holdout)
+        keep, _ = _holdout_split(len(self.train), self.validation_size if holdout is None else holdout)
         order = keep[_epoch_order(len(keep), seed, epoch)]
         steps = len(order) // batch_size
         mine = order[: steps * batch_size].view(steps, batch_size)[:, rank::world].reshape(-1)
@@ -309,12 +377,6 @@ class ImageFolderSource(DataSource):
         loader = DataLoader(Subset(self.train_aug, mine.tolist()), batch_size=batch_size // world,
                             shuffle=False, num_workers=self.workers, drop_last=True)
         return iter(loader)
-
-    def holdout_batches(self, n, batch_size):
-        from torch.utils.data import DataLoader, Subset
-
-        _, held = _holdout_split(len(self.train), n)
-        return iter(DataLoader(Subset(self.train, held.tolist()), batch_size=batch_size, num_workers=self.workers))
 
 
 def open_data(spec: str | None, model: torch.nn.Module, default: str | None = None, input_size: int = 28,
@@ -329,7 +391,15 @@ def open_data(spec: str | None, model: torch.nn.Module, default: str | None = No
         if in_chans != 1:
             raise UsageError(f"Fashion-MNIST has 1 channel but the model takes {in_chans}: "
                              "use --data imagefolder:PATH")
-        return FmnistSource(path or None, pad_to=input_size if input_size != 28 else None, download=download)
+        pad_to = input_size if input_size != 28 else None
+        if not path and not download:
+            try:
+                find_fmnist(None)
+            except UsageError:  # not installed: the default run's images ship with the package
+                from .embedded import EmbeddedFmnistSource
+
+                return EmbeddedFmnistSource(pad_to)
+        return FmnistSource(path or None, pad_to=pad_to, download=download)
     if kind == "imagefolder":
         if not path:
             raise UsageError("--data imagefolder:PATH needs a path")

@@ -31,7 +31,6 @@ from .runtime import EVAL_BATCH
 from .sensitivity import ASQNR_FORMS, build_method_models, measure_sensitivity
 
 SENSITIVITY_FIELDS = ("slot", "op", "method", "asqnr_in", "asqnr_out", "sqnr_diff")
-EVAL_SEED = 0  # the evaluation subset is the same for every --seed, so runs compare on one set
 
 
 @dataclass
@@ -98,11 +97,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     device = cfg.device or default_device()
     torch.manual_seed(cfg.seed)
     model, info, data = prepare(cfg.model, cfg.checkpoint, cfg.data, cfg.download)
+    opts = cfg.extra.get("optuna") or {}
+    qat_objective = "qat" in (opts.get("objectives") or ())
+    data.require(cfg.eval_size, cfg.calib_size, training=cfg.qat_epochs > 0 or qat_objective,
+                 validation=opts.get("qat_holdout", 2000) if qat_objective else 0)
     model = model.to(device)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    fp = evaluate(model, data.eval_batches(cfg.eval_size, cfg.batch_size, EVAL_SEED), device,
+    fp = evaluate(model, data.eval_batches(cfg.eval_size, cfg.batch_size), device,
                   cfg.progress, "float eval")
     timings["float_eval_s"] = time.perf_counter() - t
 
@@ -126,10 +129,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     qmodel.set_assignment(assignment)
     t = time.perf_counter()
-    calibrate(qmodel, data.calib_batches(cfg.calib_size, cfg.batch_size, cfg.seed), device)
+    calibrate(qmodel, data.calib_batches(cfg.calib_size, cfg.batch_size), device)
     timings["calibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    qres = evaluate(qmodel, data.eval_batches(cfg.eval_size, cfg.batch_size, EVAL_SEED), device,
+    qres = evaluate(qmodel, data.eval_batches(cfg.eval_size, cfg.batch_size), device,
                     cfg.progress, "quantized eval")
     timings["quant_eval_s"] = time.perf_counter() - t
     history = None
@@ -138,7 +141,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
         t = time.perf_counter()
         qcfg = QATConfig(**{"epochs": cfg.qat_epochs, "seed": cfg.seed, **cfg.extra.get("qat", {})})
-        eval_fn = make_eval_fn(data, cfg.eval_size, cfg.batch_size, device, seed=EVAL_SEED)
+        eval_fn = make_eval_fn(data, cfg.eval_size, cfg.batch_size, device)
         history = train_qat(qmodel, data, qcfg, device, None, progress=cfg.progress, eval_fn=eval_fn)
         timings["qat_s"] = time.perf_counter() - t
         write_qat_outputs(Path(cfg.out), model, qmodel, history, data, cfg.calib_size, cfg.seed, device)
@@ -166,7 +169,7 @@ def sensitivity_pass(model, qmodel: QuantModel, data: DataSource, cfg: RunConfig
 
     methods = list(dict.fromkeys(m for op in ("softmax", "gelu", "layernorm") for m in methods_for(op)))
     t = time.perf_counter()
-    calib = lambda: data.calib_batches(cfg.calib_size, cfg.sens_batch_size, cfg.seed)  # noqa: E731
+    calib = lambda: data.calib_batches(cfg.calib_size, cfg.sens_batch_size)  # noqa: E731
     models = build_method_models(qmodel, methods, calib, device, cfg.progress)
     float_ref = qmodel.set_quant(False)
     try:
@@ -189,6 +192,7 @@ def _record(cfg, info, data, strategy, assignment, slot_ops, fp, qres, timings, 
         "model": info.name,
         "checkpoint": info.checkpoint,
         "data": data.spec,
+        "data_embedded": bool(getattr(data, "embedded", False)),  # the default run's images from the package
         "bits": cfg.bits,
         "fine_grid": cfg.fine_grid,
         "counts": counts(assignment, slot_ops),
@@ -260,12 +264,13 @@ def evaluate_assignment(assignment_file: str, model_name=None, checkpoint=None, 
     device = device or default_device()
     torch.manual_seed(seed)
     model, info, data = prepare(model_name, checkpoint, data_spec)
+    data.require(eval_size, calib_size)
     model = model.to(device)
     qmodel = convert_model(model, bits, fine_grid=fine_grid).to(device)
     assignment, _ = load_assignment(assignment_file, qmodel.slot_ops())
     qmodel.set_assignment(assignment)
-    calibrate(qmodel, data.calib_batches(calib_size, batch_size, seed), device)
-    res = evaluate(qmodel, data.eval_batches(eval_size, batch_size, EVAL_SEED), device, progress, "quantized eval")
+    calibrate(qmodel, data.calib_batches(calib_size, batch_size), device)
+    res = evaluate(qmodel, data.eval_batches(eval_size, batch_size), device, progress, "quantized eval")
     out = {"model": info.name, "bits": bits, "fine_grid": fine_grid, "assignment": str(assignment_file),
            "counts": counts(assignment, qmodel.slot_ops()), "top1": round(res["top1"], 3),
            "top5": round(res["top5"], 3), "images": res["images"], "seconds": round(res["seconds"], 2),
@@ -312,7 +317,7 @@ def write_qat_outputs(out: Path, model, qmodel: QuantModel, history: list[dict],
     from .sensitivity import measure_slots
 
     float_ref = convert_model(model, qmodel.bits, fine_grid=qmodel.fine_grid).to(device).set_quant(False)
-    slot_rows = measure_slots(float_ref, {"qat": qmodel}, data.calib_batches(min(calib_size, 64), 32, seed), device)
+    slot_rows = measure_slots(float_ref, {"qat": qmodel}, data.calib_batches(min(calib_size, 64), 32), device)
     atomic_write_text(out / "slot_asqnr.csv", csv_text(("slot", "op", "asqnr_out"), slot_rows))
     atomic_write_text(out / "history.csv", history_csv(history))
 
@@ -337,12 +342,13 @@ def qat_job(job: QATJob, qcfg) -> dict[str, Any]:
     qcfg.validate()
     device = dist.init(job.device or default_device())
     model, info, data = prepare(model_name, job.checkpoint, job.data)
+    data.require(job.eval_size, job.calib_size, training=True)
     model = model.to(device)
     qmodel = convert_model(model, bits, fine_grid=fine_grid).to(device)
     assignment, _ = load_assignment(job.assignment, qmodel.slot_ops())
     qmodel.set_assignment(assignment)
-    calibrate(qmodel, data.calib_batches(job.calib_size, job.eval_batch_size, qcfg.seed), device)
-    eval_fn = make_eval_fn(data, job.eval_size, job.eval_batch_size, device, seed=EVAL_SEED, progress=job.progress)
+    calibrate(qmodel, data.calib_batches(job.calib_size, job.eval_batch_size), device)
+    eval_fn = make_eval_fn(data, job.eval_size, job.eval_batch_size, device, progress=job.progress)
     top1_ptq = eval_fn(qmodel) if dist.is_main() else None
     t = time.perf_counter()
     history = train_qat(qmodel, data, qcfg, device, out, teacher=model if qcfg.distill else None,

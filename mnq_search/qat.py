@@ -54,7 +54,7 @@ class QATConfig:
     distill: bool = False
     distill_alpha: float = 0.5  # loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)
     distill_temp: float = 1.0
-    holdout: int = 0  # training images held out (never trained on)
+    holdout: int | None = None  # training images held out (None: the validation split; at least that)
     seed: int = 0
     eval_every_steps: int | None = None  # also evaluate every K steps (for pruners), not only per epoch
 
@@ -119,7 +119,8 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
 
     Args:
         qmodel: the converted, calibrated model (on ``device``).
-        data: training batches come from ``data.train_batches`` (minus ``cfg.holdout`` images).
+        data: training batches come from ``data.train_batches`` (minus ``cfg.holdout`` images, at
+            least the validation split).
         out: folder for ``checkpoint.pt`` and ``history.csv`` (rank 0), or None for no files.
         teacher: the float model for ``cfg.distill``.
         resume: continue from ``out/checkpoint.pt`` if it exists.
@@ -131,7 +132,8 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
     cfg.validate()
     if cfg.distill and teacher is None:
         raise UsageError("--distill needs the float model as teacher")
-    steps_per_epoch = data.steps_per_epoch(cfg.batch_size, cfg.holdout)
+    holdout = data.check_holdout(cfg.holdout)  # never train on the validation split
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size, holdout)
     if steps_per_epoch <= 0:
         raise UsageError(f"training data is smaller than one batch of {cfg.batch_size}")
     total = cfg.steps or cfg.epochs * steps_per_epoch
@@ -168,7 +170,7 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"QAT epoch {epoch + 1}/{epochs}",
                    disable=not (progress and dist.is_main()), leave=False, mininterval=2)
-        for x, y in data.train_batches(epoch, cfg.batch_size, cfg.seed, cfg.holdout, dist.rank(), dist.world()):
+        for x, y in data.train_batches(epoch, cfg.batch_size, cfg.seed, holdout, dist.rank(), dist.world()):
             if step >= total:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -225,13 +227,13 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
     return history
 
 
-def make_eval_fn(data: DataSource, eval_size: int | None, batch_size: int, device: str, holdout: bool = False,
-                 seed: int = 0, progress: bool = False) -> Callable[[QuantModel], float]:
-    """top-1 on the test split's fixed subset, or on the held-out training images (``holdout``);
-    the full result of the latest call (top-5, image count) is kept in ``fn.last``."""
+def make_eval_fn(data: DataSource, eval_size: int | None, batch_size: int, device: str, validation: bool = False,
+                 progress: bool = False) -> Callable[[QuantModel], float]:
+    """top-1 on the test split's fixed subset, or on ``eval_size`` images of the validation split
+    (``validation``); the full result of the latest call (top-5, image count) is kept in ``fn.last``."""
 
     def fn(model) -> float:
-        batches = data.holdout_batches(eval_size, batch_size) if holdout else data.eval_batches(eval_size, batch_size, seed)
+        batches = data.validation_batches(eval_size, batch_size) if validation else data.eval_batches(eval_size, batch_size)
         fn.last = evaluate(model, batches, device, progress, "eval")
         return fn.last["top1"]
 

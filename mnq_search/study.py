@@ -156,12 +156,12 @@ def run_study(spec_path: str | Path, progress: bool = True, device: str | None =
 
 def _float_cell(model: str, run_kw: dict, device: str | None, progress: bool) -> dict:
     from .calibrate import evaluate
-    from .pipeline import EVAL_SEED, default_device, prepare
+    from .pipeline import default_device, prepare
 
     device = device or default_device()
     m, _, data = prepare(model, run_kw.get("checkpoint"), run_kw.get("data"))
-    res = evaluate(m.to(device), data.eval_batches(run_kw.get("eval_size", 2000), run_kw.get("batch_size", EVAL_BATCH),
-                                                   EVAL_SEED), device)
+    res = evaluate(m.to(device), data.eval_batches(run_kw.get("eval_size", 2000), run_kw.get("batch_size", EVAL_BATCH)),
+                   device)
     return {"top1": round(res["top1"], 3), "top5": round(res["top5"], 3)}
 
 

@@ -93,6 +93,6 @@ class Objective(ABC):
         model = copy.deepcopy(ctx.extra["qmodel"])
         model.set_quant(True)
         model.set_assignment(assignment)
-        calibrate(model, ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size, cfg.seed),
+        calibrate(model, ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size),
                   ctx.extra["device"])
         return model

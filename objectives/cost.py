@@ -142,7 +142,7 @@ class CostObjective(Objective):
 
     def setup(self, ctx) -> None:
         cfg = ctx.extra["config"]
-        self.geometry = slot_geometry(ctx.extra["qmodel"], ctx.extra["data"].calib_batches(1, 1, cfg.seed),
+        self.geometry = slot_geometry(ctx.extra["qmodel"], ctx.extra["data"].calib_batches(1, 1),
                                       ctx.extra["device"])
 
     def evaluate(self, assignment, ctx=None, trial=None, slot_ops: Mapping[str, str] | None = None) -> float:

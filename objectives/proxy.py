@@ -30,7 +30,7 @@ def _logits(model: torch.nn.Module, ctx: Any) -> list[torch.Tensor]:
     device = ctx.extra["device"]
     model.eval()
     return [model(x.to(device)).double().cpu()
-            for x, _ in ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size, cfg.seed)]
+            for x, _ in ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size)]
 
 
 class _LogitsObjective(Objective):

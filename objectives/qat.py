@@ -1,10 +1,10 @@
-"""Short-QAT objective: a few quantization-aware training steps, then top-1 on held-out training
-images (never the test split).
+"""Short-QAT objective: a few quantization-aware training steps, then top-1 on validation images
+(never the test split).
 
 A trial calibrates a copy of the model with the assignment, trains it for ``steps`` optimizer steps
 (:func:`mnq_search.qat.train_qat`, the run's QAT settings from ``RunConfig.extra["qat"]`` otherwise)
-on the training split minus ``holdout`` images, and returns the top-1 (percent) on those
-``holdout`` images: the same fixed held-out part whatever the seed (``DataSource.holdout_batches``).
+on the training split minus the validation split, and returns the top-1 (percent) on ``holdout``
+images of the validation split: the same images whatever the seed (``DataSource.validation_batches``).
 Every evaluation during training is reported to the trial (``trial.report(top1, step)``), so a
 pruner (median, successive halving) can stop a bad trial early; in a two-objective study Optuna
 has no pruning, and the evaluations are kept in the trial's user attribute ``intermediate``.
@@ -31,7 +31,7 @@ class QATObjective(Objective):
 
     Args:
         steps: optimizer steps per trial.
-        holdout: training images held out of training and used for the top-1.
+        holdout: validation images the top-1 is measured on (at most the validation split).
         eval_every: evaluate (and report to the pruner) every this many steps (None: per epoch and
             at the end).
     """
@@ -57,7 +57,7 @@ class QATObjective(Objective):
         from mnq_search.qat import QATConfig
 
         settings = {k: v for k, v in ctx.extra.get("qat", {}).items() if k != "epochs"}
-        settings.update(steps=self.steps, holdout=self.holdout, seed=ctx.seed)
+        settings.update(steps=self.steps, holdout=None, seed=ctx.seed)  # trains without the validation split
         if self.eval_every is not None:
             settings["eval_every_steps"] = self.eval_every
         return QATConfig(**settings)
@@ -70,7 +70,7 @@ class QATObjective(Objective):
         data = ctx.extra["data"]
         qcfg = self.qat_config(ctx)
         model = self.calibrated(assignment, ctx)
-        eval_fn = make_eval_fn(data, self.holdout, cfg.batch_size, device, holdout=True)
+        eval_fn = make_eval_fn(data, self.holdout, cfg.batch_size, device, validation=True)
         seen: dict[int, float] = {}
 
         def on_eval(step: int, top1: float) -> None:

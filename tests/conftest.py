@@ -20,3 +20,20 @@ def _seed():
 def cuda_or_skip():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+
+
+def _full_fmnist() -> bool:
+    from mnq_search.data import find_fmnist
+    from mnq_search.errors import UsageError
+
+    try:
+        find_fmnist(None)
+        return True
+    except UsageError:
+        return False
+
+
+FULL_FMNIST = _full_fmnist()
+needs_full_fmnist = pytest.mark.skipif(
+    not FULL_FMNIST, reason="needs the full Fashion-MNIST (Debian package dataset-fashion-mnist, or MNQ_FMNIST_DIR); "
+                            "only the default run's images ship with the package")

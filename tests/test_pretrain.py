@@ -9,8 +9,10 @@ import torch
 from mnq_search.io import load_state_dict
 from mnq_search.models import load_model
 from mnq_search.pretrain import pretrain
+from tests.conftest import needs_full_fmnist
 
 
+@needs_full_fmnist
 def test_pretrain_writes_loadable_fp16_weights(tmp_path):
     rec = pretrain("fmnist-deit-tiny", tmp_path, epochs=1, train_size=512, test_size=100, quiet=True)
     assert rec["train_size"] == 512 and rec["test_size"] == 100 and len(rec["history"]) == 1

@@ -18,6 +18,7 @@ from mnq_search.convert import convert_model
 from mnq_search.data import FmnistSource
 from mnq_search.qat import QATConfig, train_qat
 from mnq_search.sensitivity import uniform_for
+from tests.conftest import FULL_FMNIST, needs_full_fmnist
 
 TRAIN_KEEP = 64  # training images kept (the rest held out) so an epoch is 4 steps of 16
 
@@ -30,6 +31,8 @@ def tiny_vit(seed=0):
 
 @pytest.fixture(scope="module")
 def data():
+    if not FULL_FMNIST:
+        pytest.skip(needs_full_fmnist.kwargs["reason"])
     return FmnistSource()
 
 

@@ -13,6 +13,7 @@ from mnq_search.errors import UsageError
 from mnq_search.io import save_weights
 from mnq_search.study import load_spec, run_study
 from mnq_search.zoo import create_zoo_model
+from tests.conftest import needs_full_fmnist
 
 
 @pytest.fixture()
@@ -39,6 +40,7 @@ train_images = 32
     return path
 
 
+@needs_full_fmnist
 def test_study_runs_every_cell_once(spec, capsys):
     csv_path = run_study(spec, progress=False)
     rows = list(csv.DictReader(csv_path.open()))

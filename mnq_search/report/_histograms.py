@@ -102,9 +102,9 @@ def collect_outputs(result: Mapping[str, Any], slots: Sequence[str], images: int
     slot_ops = qmodel.slot_ops()
     check_slots(slots, list(slot_ops))
     methods = list(dict.fromkeys(m for op in {slot_ops[x] for x in slots} for m in methods_for(op)))
-    calib = lambda: data.calib_batches(s["calib_size"], s["batch_size"], s["seed"])  # noqa: E731
+    calib = lambda: data.calib_batches(s["calib_size"], s["batch_size"])  # noqa: E731
     models = build_method_models(qmodel, methods, calib, device, progress)
-    shown = lambda: data.calib_batches(images, s["batch_size"], s["seed"])  # noqa: E731
+    shown = lambda: data.calib_batches(images, s["batch_size"])  # noqa: E731
     recorded = {FLOAT_KEY: _record(qmodel.set_quant(False), slots, shown(), device)}
     for method, model in models.items():
         recorded[method] = _record(model, [x for x in slots if method in methods_for(slot_ops[x])], shown(), device)

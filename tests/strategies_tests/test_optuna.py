@@ -28,6 +28,7 @@ from objectives.qat import QATObjective
 from strategies import SearchContext, get_strategy, list_strategies
 from strategies.optuna_joint import default_warm_starts
 from tests.search_fixtures import make_checkpoint, make_sensitivity, one_torch_thread  # noqa: F401 (autouse)
+from tests.conftest import needs_full_fmnist
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -206,6 +207,7 @@ class _FakeTrial:
         return self.prune
 
 
+@needs_full_fmnist
 def test_qat_objective_uses_held_out_training_images_and_reports(base, tmp_path, monkeypatch):
     _, qmodel, data, _, _ = base
     ctx = make_ctx(base, tmp_path)
