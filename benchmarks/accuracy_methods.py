@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mnq_search.quant import NONLINEAR_METHODS  # noqa: E402
+from mnq_search.methods import NONLINEAR_METHODS  # noqa: E402
 from mnq_search.testing import method_sqnr  # noqa: E402
 
 

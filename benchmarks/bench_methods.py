@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .` (make bench installs it)
 
 from mnq_search.methods import NONLINEAR_METHODS  # noqa: E402
-from mnq_search.methods._fast import fast_kernels  # noqa: E402
-from mnq_search.quant import make_nonlinear  # noqa: E402
+from mnq_search.integer import fast_kernels  # noqa: E402
+from mnq_search.methods import make_nonlinear  # noqa: E402
 from mnq_search.runtime import keep_freed_memory  # noqa: E402
 from mnq_search.testing import affine_layernorm, realistic_input  # noqa: E402
 

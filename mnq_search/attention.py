@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import UsageError
 from .quant import ActQuant, QLinear, QuantMatMul
-from .quant._fake_quant import to_grid
+from .integer import to_grid
 from .slot import NonLinearSlot
 
 

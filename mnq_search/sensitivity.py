@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .calibrate import calibrate
 from .convert import QuantModel
 from .errors import UsageError
+from .integer import power_sums
 from .slot import NonLinearSlot, methods_for
 
 ASQNR_FORMS = ("amplitude", "eq10")
@@ -60,8 +61,6 @@ class _Acc:
     n: int = 0
 
     def add(self, x: torch.Tensor, q: torch.Tensor) -> None:
-        from .methods._fast import power_sums
-
         sxx, sdd = power_sums(x, q)  # float64 per sample, x - q taken in float32
         sig, noise = sxx.sqrt(), sdd.sqrt()
         px, pd = sxx / x.shape[1], sdd / x.shape[1]

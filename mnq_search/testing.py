@@ -84,7 +84,7 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 def method_sqnr(op: str, method: str, bits: int, seed: int = 0, fine_grid: bool = False) -> tuple[float, float]:
     """(SQNR in dB of ``method`` against the exact float op on the same quantized realistic input,
     the input scale); LayerNorm methods are calibrated on the input first."""
-    from .quant import make_nonlinear
+    from .methods import make_nonlinear
 
     x, s = realistic_input(op, bits, seed)
     mod = make_nonlinear(op, method, bits, affine_layernorm(x.shape[-1]) if op == "layernorm" else None,

@@ -127,8 +127,7 @@ def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
 def fidelity_cell(op: str, method: str, bits: int, seed: int = 0) -> list[tuple[float, float, float]]:
     """Per input scale of :data:`SCALES`: (scale, SQNR of the project's method, SQNR of the official
     module) in dB against the exact float op on the same quantized input."""
-    from mnq_search.methods._fast import fast_kernels  # noqa: F401 (the model's path, fast or not)
-    from mnq_search.quant import make_nonlinear
+    from mnq_search.methods import make_nonlinear
     from mnq_search.testing import affine_layernorm
 
     out = []

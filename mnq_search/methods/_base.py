@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant._fake_quant import check_bits, to_grid
-from ._fast import FastPlan, fast_enabled
+from ..integer import check_bits, to_grid
+from ..integer import fast_enabled
+from ._fast import FastPlan
 from ._intops import FINE_GRID_SCALE, check_range, is_int
 
 PLAN_CACHE_SIZE = 4  # plans kept per module (eval uses one; QAT moves the scale every step)

@@ -57,7 +57,7 @@ def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module 
 
     Example:
         >>> import torch
-        >>> from mnq_search.quant import make_nonlinear
+        >>> from mnq_search.methods import make_nonlinear
         >>> m = make_nonlinear("softmax", "ivit", bits=8)
         >>> s_x = torch.tensor(0.05)
         >>> x = torch.randint(-128, 128, (2, 3, 10)).float() * s_x

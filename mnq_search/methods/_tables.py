@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ._base import AffineLayerNorm, NonLinearMethod, reference_kernel
-from ._fast import FastPlan, device_tables, exp_table, isqrt_i64, jit, lookup_kernel, softmax_torch
+from ..integer._compiled import isqrt_i64, jit
+from ._fast import FastPlan, device_tables, exp_table, lookup_kernel, softmax_torch
 from ._intops import ln_affine_constants, ln_headroom, ln_scale_n
 
 

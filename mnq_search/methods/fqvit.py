@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant._observer import MinMaxObserver
+from ..quant import MinMaxObserver
 from ..distributed import all_reduce_
 from ._base import AffineLayerNorm, NonLinearMethod
-from ._fast import HAVE_NUMBA, FastPlan, _exp_rows, bitlen_i64, fast_enabled, floor_div_i64, isqrt_i64, jit
+from ..integer._compiled import HAVE_NUMBA, bitlen_i64, fast_enabled, floor_div_i64, isqrt_i64, jit
+from ._fast import FastPlan, _exp_rows
 from ._intops import (as_kind, bitlen, check_range, dyadic, exp_to_uint16, floor_div, i_exp, isqrt, round_div,
                       round_shr, shl, shr)
 from ._registry import register_method

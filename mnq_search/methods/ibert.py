@@ -15,7 +15,8 @@ from torch import nn
 
 from ..distributed import all_reduce_
 from ._base import AffineLayerNorm, NonLinearMethod
-from ._fast import HAVE_NUMBA, fast_enabled, jit, softmax_divide_kernel
+from ..integer._compiled import HAVE_NUMBA, fast_enabled, jit
+from ._fast import softmax_divide_kernel
 from ._intops import (bitlen, check_range, exp_to_uint16, floor_div, i_exp, isqrt, ln_affine_bias, ln_center,
                       ln_normalize, mul_shr, prescale, shl, shr)
 from ._registry import register_method

@@ -1,8 +1,7 @@
-"""Integer quantizers: linear (dyadic, HAWQ-V3) and the non-linear methods' public entry points.
+"""Integer quantizers of the linear part: observers, the activation quantizer, dyadic
+requantization (HAWQ-V3), and integer Linear / Conv2d / MatMul with their input-quantized wrappers.
 
->>> from mnq_search.quant import make_nonlinear, NONLINEAR_METHODS
->>> sorted(NONLINEAR_METHODS)
-['gelu', 'layernorm', 'softmax']
+The non-linear methods build on this package: :mod:`mnq_search.methods`.
 """
 
 from ._dyadic import dyadic as dyadic
@@ -23,16 +22,19 @@ from ._wrappers import QLinear as QLinear
 
 
 def __getattr__(name: str):
-    # The methods package builds on this one (fake-quant, observers), so its public names are
-    # resolved on first use rather than at import, which keeps the two free of an import cycle.
+    # Deprecated: the methods build on this package, so this one no longer exports them (the layers
+    # import one way); import them from mnq_search.methods.
     if name in ("make_nonlinear", "NONLINEAR_METHODS"):
+        import warnings
+
         from .. import methods
 
+        warnings.warn(f"mnq_search.quant.{name} moved to mnq_search.methods.{name}", DeprecationWarning, stacklevel=2)
         return getattr(methods, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ActQuant", "BITS_RANGE", "MinMaxObserver", "NONLINEAR_METHODS", "QConv2d", "QLinear", "QuantConv2d",
+__all__ = ["ActQuant", "BITS_RANGE", "MinMaxObserver", "QConv2d", "QLinear", "QuantConv2d",
            "QuantLinear",
-           "QuantMatMul", "check_bits", "dyadic", "dyadic_value", "make_nonlinear", "qrange", "quantize_ste",
+           "QuantMatMul", "check_bits", "dyadic", "dyadic_value", "qrange", "quantize_ste",
            "requantize", "symmetric_scale"]

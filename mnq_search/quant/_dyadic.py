@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods._intops import as_kind, check_range, dyadic, round_shr
+from ..integer import as_kind, check_range, dyadic, round_shr
 
 __all__ = ["dyadic", "dyadic_value", "requantize"]
 

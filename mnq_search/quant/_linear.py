@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..methods._intops import check_range
-from ._fake_quant import qrange, quantize_ste, round_ste, symmetric_scale, to_grid
+from ..integer import (HAVE_INT_MM, bias_scale_cpu, check_range, fast_enabled, int_linear_cpu, qrange, quantize_ste,
+                       round_ste, to_grid)
+from ._fake_quant import symmetric_scale
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,6 @@ def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _int_gemm_ok(q_x: torch.Tensor) -> bool:
-    from ..methods._fast import HAVE_INT_MM, fast_enabled
-
     return HAVE_INT_MM and q_x.device.type == "cpu" and q_x.dtype == torch.float32 and fast_enabled()
 
 
@@ -131,8 +130,6 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         acc = _IntGemmSTE.apply(q_x, w_int) if _int_gemm_ok(q_x) else F.linear(q_x, w_int).float()
         b = self.bias_int(s_acc)
         if not (torch.is_grad_enabled() and acc.requires_grad):
-            from ..methods._fast import bias_scale_cpu
-
             if bias_scale_cpu(acc, b, s_acc) is not None:
                 return acc, s_acc
         if b is not None:
@@ -155,8 +152,6 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         """Like :meth:`forward_q` without gradients, from int8 input integers: int8 x int8 GEMM with
         exact int32 accumulators (``torch._int_mm``; CPU). The accumulator equals the float-held
         path's wherever that one is exact (every partial sum below 2**24: K * 2**14 < 2**24, K <= 1024)."""
-        from ..methods._fast import int_linear_cpu
-
         w8t, s_w = self.int8_weight()
         s_acc = s_x * s_w
         return int_linear_cpu(q8, w8t, self.bias_int(s_acc), s_acc), s_acc

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnq_search.quant import make_nonlinear
+from mnq_search.methods import make_nonlinear
 from mnq_search.testing import affine_layernorm, method_sqnr, quantize_symmetric, sqnr_db
 
 # (op, method, bits): (measured dB, why the level is what it is)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mnq_search.methods import NONLINEAR_METHODS, get_method_class
-from mnq_search.methods._intops import IntegerOverflowError
-from mnq_search.quant import make_nonlinear
+from mnq_search.integer import IntegerOverflowError
+from mnq_search.methods import make_nonlinear
 from mnq_search.testing import affine_layernorm, realistic_input
 
 ALL = [(op, m) for op, ms in NONLINEAR_METHODS.items() for m in ms]
@@ -116,7 +116,7 @@ def test_int32_registers_are_checked(op, method):
     q = torch.randint(-(2 ** (mod.in_bits - 1)), 2 ** (mod.in_bits - 1), (2, 3, 64))
     y, _ = mod.forward_int(q, torch.tensor(0.01))
     assert y.abs().max() < 2**31
-    from mnq_search.methods._intops import check_range
+    from mnq_search.integer import check_range
     with pytest.raises(IntegerOverflowError):
         check_range(torch.tensor([2**31]), "probe")
 
@@ -201,7 +201,7 @@ def test_cpu_row_blocks_give_the_same_output(op, method, bits, monkeypatch):
     on their own, so blocks of 7 rows (with a ragged last block) give exactly the whole-tensor result
     (the fast path's blocks: tests/methods_tests/test_fast.py)."""
     import mnq_search.methods._base as base
-    from mnq_search.methods._fast import fast_kernels
+    from mnq_search.integer import fast_kernels
 
     x, s = realistic_input(op, bits, tokens=50) if op != "layernorm" else realistic_input(op, tokens=50, channels=64)
     mod = calibrate(build(op, method, bits), x, s)

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from mnq_search.methods import NONLINEAR_METHODS
-from mnq_search.methods._fast import (MASK_SENTINEL, fast_kernels, power_sums, quantize_cpu, quantize_int8_cpu,
-                                      quantize_mask_cpu, run_rows)
-from mnq_search.quant import make_nonlinear
+from mnq_search.integer import (fast_kernels, power_sums, quantize_cpu, quantize_int8_cpu, quantize_mask_cpu,
+                                run_rows)
+from mnq_search.methods._fast import MASK_SENTINEL
+from mnq_search.methods import make_nonlinear
 from mnq_search.testing import affine_layernorm
 
 ALL = [(op, m) for op, ms in NONLINEAR_METHODS.items() for m in ms]
@@ -106,7 +107,7 @@ def test_inputs_outside_the_tables_fall_back_to_the_reference(op, method):
 @pytest.mark.parametrize("op, method", ALL)
 def test_row_blocks_on_threads_give_the_same_output(op, method, monkeypatch):
     """Rows are split over threads in blocks; blocks of any size give the whole-tensor result."""
-    import mnq_search.methods._fast as fast
+    import mnq_search.integer._compiled as fast
 
     gen = torch.Generator().manual_seed(0)
     mod = build(op, method, 8, False)
@@ -162,7 +163,7 @@ def test_fused_quantizers_equal_the_eager_ops():
 
 
 def test_quantizer_gradient_is_unchanged():
-    from mnq_search.quant._fake_quant import _RoundClampSTE, quantize_ste
+    from mnq_search.integer._rounding import _RoundClampSTE, quantize_ste
 
     torch.manual_seed(0)
     x = (torch.randn(4, 10, 16) * 4).requires_grad_(True)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnq_search.methods import NONLINEAR_METHODS
-from mnq_search.quant import ActQuant, QuantLinear, make_nonlinear
+from mnq_search.methods import make_nonlinear
+from mnq_search.quant import ActQuant, QuantLinear
 
 ALL = [(op, m) for op, ms in NONLINEAR_METHODS.items() for m in ms]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mnq_search.methods import _intops
-from mnq_search.methods._intops import IntegerOverflowError
+from mnq_search.integer import IntegerOverflowError
 from mnq_search.quant import _dyadic, dyadic, dyadic_value, requantize
 
 I64 = torch.int64

@@ -7,7 +7,8 @@ import torch
 
 from mnq_search.quant import (BITS_RANGE, ActQuant, MinMaxObserver, check_bits, qrange, quantize_ste,
                               symmetric_scale)
-from mnq_search.quant._fake_quant import SCALE_EPS, round_ste, to_grid
+from mnq_search.integer import round_ste, to_grid
+from mnq_search.quant._fake_quant import SCALE_EPS
 
 BITS = list(range(BITS_RANGE[0], BITS_RANGE[1] + 1))
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnq_search.methods._intops import IntegerOverflowError
+from mnq_search.integer import IntegerOverflowError
 from mnq_search.quant import QuantConv2d, QuantLinear, QuantMatMul
 from mnq_search.quant._linear import int_matmul
 
