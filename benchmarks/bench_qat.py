@@ -34,7 +34,7 @@ from mnq_search.calibrate import calibrate  # noqa: E402
 from mnq_search.convert import convert_model  # noqa: E402
 from mnq_search.models import load_model  # noqa: E402
 from mnq_search.runtime import keep_freed_memory  # noqa: E402
-from mnq_search.sensitivity import uniform_for  # noqa: E402
+from mnq_search.methods import uniform_assignment  # noqa: E402
 
 
 def sync(device):
@@ -98,7 +98,7 @@ def main():
     x = torch.randn(args.batch, chans, size, size, device=dev)
     y = torch.randint(0, model.num_classes, (args.batch,), device=dev)
     q = convert_model(model, args.bits).to(dev)
-    q.set_assignment(uniform_for(args.assignment.split(":")[-1], q.slot_ops()))
+    q.set_assignment(uniform_assignment(args.assignment.split(":")[-1], q.slot_ops()))
     calibrate(q, [(x, y)], dev)
     fmodel, qmodel = model, q
     if args.compile:

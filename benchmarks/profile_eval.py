@@ -51,7 +51,10 @@ def main() -> None:
     from mnq_search.models import load_model
     from mnq_search.quant import ActQuant, QConv2d, QLinear, QuantMatMul
     from mnq_search.runtime import keep_freed_memory
-    from mnq_search.sensitivity import uniform_for
+    try:
+        from mnq_search.methods import uniform_assignment
+    except ImportError:  # checkouts before the family registry
+        from mnq_search.sensitivity import uniform_for as uniform_assignment
     from mnq_search.slot import NonLinearSlot
 
     keep_freed_memory()
@@ -101,7 +104,7 @@ def main() -> None:
         timed(ActQuant, "quantize_int8", "input quantizers")
     for method in args.methods.split(","):
         q = convert_model(model, 8)
-        q.set_assignment(uniform_for(method, q.slot_ops()))
+        q.set_assignment(uniform_assignment(method, q.slot_ops()))
         calibrate(q, data.calib_batches(128, args.batch))
         q.eval()
         with torch.inference_mode():

@@ -95,7 +95,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qat-eval-every", metavar="N", type=int, default=None,
                    help="evaluate and report to the pruner every N QAT steps (default: per epoch and at the end)")
     g.add_argument("--cost-table", metavar="FILE", default=None,
-                   help="JSON file overriding the cost objective's per-method table (default: objectives/cost_table.json)")
+                   help="JSON file overriding the cost objective's weights or per-method counts (default: the families' declared counts)")
     g.add_argument("--heartbeat", metavar="S", type=int, default=None,
                    help=f"seconds between heartbeats of a running trial (SQL storages) (default: {D.heartbeat})")
     g.add_argument("--grace", metavar="S", type=int, default=None,
@@ -204,8 +204,10 @@ def _print_run_table(result: dict) -> None:
 
     console = Console()
     table = Table(title=f"{result['model']} · {result['bits']}-bit · strategy {result['strategy']}")
+    from .methods import list_families
+
     table.add_column("op")
-    methods = ["ibert", "fqvit", "ivit"]
+    methods = list(list_families())
     for m in methods:
         table.add_column(m, justify="right")
     for op, row in result["counts"].items():

@@ -37,6 +37,7 @@ from torch import nn
 
 from .attention import QuantAttention, QuantWindowAttention
 from .errors import UsageError
+from .methods import OPS
 from .quant import ActQuant, QConv2d, QLinear, QuantConv2d, QuantLinear, check_bits
 from .slot import FLOAT, NonLinearSlot
 
@@ -80,7 +81,7 @@ class QuantModel(nn.Module):
 
     def count_slots(self) -> dict[str, int]:
         c = Counter(self.slot_ops().values())
-        return {op: c.get(op, 0) for op in ("softmax", "gelu", "layernorm")}
+        return {op: c.get(op, 0) for op in OPS}
 
     def get_assignment(self) -> dict[str, str]:
         return {name: slot.method for name, slot in self.slots.items()}
@@ -156,10 +157,3 @@ def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str]
     if assignment:
         qmodel.set_assignment(assignment)
     return qmodel
-
-
-def uniform_assignment(slot_ops: Mapping[str, str], method: str | Mapping[str, str]) -> dict[str, str]:
-    """Every slot gets ``method``, or ``method[op]`` when a per-op mapping is given."""
-    if isinstance(method, str):
-        return {name: method for name in slot_ops}
-    return {name: method.get(op, FLOAT) for name, op in slot_ops.items()}

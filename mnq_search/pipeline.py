@@ -165,9 +165,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 def sensitivity_pass(model, qmodel: QuantModel, data: DataSource, cfg: RunConfig, device) -> tuple[list[dict], dict]:
     """Calibrate one model per method, measure every slot; also time one float pass over the same
     calibration images (the reference of the sensitivity-time ratio in BENCHMARKS.md)."""
-    from .slot import methods_for
+    from .methods import list_families
 
-    methods = list(dict.fromkeys(m for op in ("softmax", "gelu", "layernorm") for m in methods_for(op)))
+    methods = list(list_families())
     t = time.perf_counter()
     calib = lambda: data.calib_batches(cfg.calib_size, cfg.sens_batch_size)  # noqa: E731
     models = build_method_models(qmodel, methods, calib, device, cfg.progress)

@@ -22,9 +22,8 @@ from typing import Any
 
 from .errors import UsageError
 from .io import atomic_write_json, read_json
+from .methods import OPS
 from .slot import methods_for
-
-OPS = ("softmax", "gelu", "layernorm")
 
 
 def validate_assignment(assignment: Mapping[str, str], slot_ops: Mapping[str, str]) -> None:

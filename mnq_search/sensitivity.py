@@ -1,8 +1,9 @@
 """Layer-wise sensitivity of the non-linear slots (paper section 3.2.1-3.2.3, spec section 6).
 
-For each method, a copy of the quantized model with that method in every slot (GELU has no
-FQ-ViT method: the FQ-ViT model uses I-BERT's GELU there, the choice ``uniform:fqvit`` makes, and
-no FQ-ViT GELU rows are reported) is calibrated on the calibration images. Then, batch by batch,
+For each method family, a copy of the quantized model with that family in every slot (where a
+family has no method for an op, its declared stand-in: the FQ-ViT model uses I-BERT's GELU, the
+choice ``uniform:fqvit`` makes, and no FQ-ViT GELU rows are reported) is calibrated on the
+calibration images. Then, batch by batch,
 the float model runs once with a recorder on every slot, and each method's model runs once
 comparing every slot's input and output with the float model's at the same place: all slots are
 measured in one forward pass per method, not one pass per slot.
@@ -32,25 +33,10 @@ from .calibrate import calibrate
 from .convert import QuantModel
 from .errors import UsageError
 from .integer import power_sums
+from .methods import uniform_assignment
 from .slot import NonLinearSlot, methods_for
 
 ASQNR_FORMS = ("amplitude", "eq10")
-UNIFORM_GELU_FOR_FQVIT = "ibert"  # FQ-ViT keeps GELU in float; its integer stand-in
-
-
-def uniform_for(method: str, slot_ops: Mapping[str, str]) -> dict[str, str]:
-    """The assignment ``uniform:<method>``: ``method`` in every slot whose op has it, else the
-    documented stand-in (I-BERT's GELU for FQ-ViT)."""
-    out = {}
-    for name, op in slot_ops.items():
-        if method in methods_for(op, include_float=True):
-            out[name] = method
-        elif op == "gelu" and method == "fqvit":
-            out[name] = UNIFORM_GELU_FOR_FQVIT
-        else:
-            raise UsageError(f"method {method!r} has no {op} implementation and no stand-in")
-    return out
-
 
 @dataclass
 class _Acc:
@@ -88,14 +74,14 @@ def recording(model: QuantModel, fn):
 
 def build_method_models(qmodel: QuantModel, methods: Iterable[str], calib_batches_fn, device,
                         progress: bool = False) -> dict[str, QuantModel]:
-    """One calibrated copy of ``qmodel`` per method (``uniform_for`` assignment)."""
+    """One calibrated copy of ``qmodel`` per family (its uniform assignment, stand-ins included)."""
     out = {}
     for method in methods:
         # the copies share qmodel's parameters (nothing here changes them): a copy of the modules
         # and buffers only, 6x faster than a full deep copy
         m = copy.deepcopy(qmodel, memo={id(p): p for p in qmodel.parameters()})
         m.set_quant(True)
-        m.set_assignment(uniform_for(method, m.slot_ops()))
+        m.set_assignment(uniform_assignment(method, m.slot_ops()))
         calibrate(m, calib_batches_fn(), device, progress=progress)
         out[method] = m
     return out

@@ -1,18 +1,23 @@
-"""Integer-operation cost of an assignment, from a per-method cost table (data, overridable).
+"""Integer-operation cost of an assignment, from per-method operation counts.
 
-The table (``objectives/cost_table.json``) counts, for every op x method, the integer operations of
-its kernel per element of the slot's input and per row (the last dimension), by kind: ``add``,
-``mul``, ``shift``, ``div``, ``compare``, ``lookup``; ``weights`` gives each kind's relative cost.
-The cost of one slot is ``elements * sum(w * element counts) + rows * sum(w * row counts)``, with
-``elements`` and ``rows`` measured per image on the model itself (one float forward pass at
-:meth:`CostObjective.setup`); the cost of an assignment is the sum over slots, in millions
+Each method family declares, in its own file (:class:`mnq_search.methods.Family` ``cost``), the
+integer operations of each of its kernels per element of the slot's input and per row (the last
+dimension: a softmax row of attention logits, one token's channels for GELU and LayerNorm), by kind:
+``add`` (add, subtract, negate, one step of a sum), ``mul``, ``shift``, ``div`` (integer division),
+``compare`` (max, min, one clamp bound, comparison, select, logical and, abs, sign), ``lookup`` (a
+table lookup or a count-leading-zeros), counted from the integer path; constants derived from
+calibrated scales are free, and so is a kernel's prescale. :data:`DEFAULT_WEIGHTS` gives each kind's
+relative cost. The cost of one slot is ``elements * sum(w * element counts) + rows * sum(w * row
+counts)``, with ``elements`` and ``rows`` measured per image on the model itself (one float forward
+pass at :meth:`CostObjective.setup`); the cost of an assignment is the sum over slots, in millions
 (``cost_mop``: weighted mega-operations per image). Without a model (unit use) every slot counts
 one element and one row.
 
-A file given with ``--cost-table`` has the same layout and overrides only what it names, e.g.
-``{"weights": {"div": 40}}`` or ``{"methods": {"softmax": {"ivit": {"element": {"div": 0}}}}}``.
-Anything else (unknown op, method, section or kind; a negative or non-numeric count) is a one-line
-error naming the key.
+A file given with ``--cost-table`` overrides what it names, e.g. ``{"weights": {"div": 40}}`` or
+``{"methods": {"softmax": {"ivit": {"element": {"div": 0}}}}}``. Anything else (unknown op, method,
+section or kind; a negative or non-numeric count) is a one-line error naming the key. A family
+that declares no cost for one of its methods is an error when an assignment uses that method
+(never a silent 0).
 
 Example:
     >>> from objectives.cost import CostObjective
@@ -34,15 +39,15 @@ import torch
 
 from mnq_search.errors import UsageError, unknown_choice
 from mnq_search.io import read_json
+from mnq_search.methods import COST_KINDS as KINDS
+from mnq_search.methods import COST_SECTIONS as SECTIONS
+from mnq_search.methods import OPS, get_family
 from mnq_search.slot import methods_for
 
 from ._base import Objective
 from ._registry import register_objective
 
-DEFAULT_TABLE = Path(__file__).with_name("cost_table.json")
-KINDS = ("add", "mul", "shift", "div", "compare", "lookup")
-SECTIONS = ("element", "row")
-OPS = ("softmax", "gelu", "layernorm")
+DEFAULT_WEIGHTS = {"add": 1.0, "shift": 1.0, "compare": 1.0, "mul": 3.0, "div": 20.0, "lookup": 1.0}
 TOP_KEYS = ("weights", "methods")
 
 
@@ -75,28 +80,43 @@ def _merge(base: dict, override: Any, source: str) -> dict:
             if method.startswith("_"):
                 continue
             where = f"methods.{op}.{method}"
+            entry = out["methods"][op].get(method) or {s: {k: 0.0 for k in KINDS} for s in SECTIONS}
             for section, counts in _check_keys(sections, SECTIONS, where, source).items():
                 if section.startswith("_"):
                     continue
                 for kind, n in _check_keys(counts, KINDS, f"{where}.{section}", source).items():
                     if not kind.startswith("_"):
-                        out["methods"][op][method][section][kind] = _number(n, f"{where}.{section}.{kind}", source)
+                        entry[section][kind] = _number(n, f"{where}.{section}.{kind}", source)
+            out["methods"][op][method] = entry
     return out
+
+
+def default_cost_table() -> dict:
+    """:data:`DEFAULT_WEIGHTS` and every registered method's declared counts (None where a family
+    declares none for one of its methods)."""
+    methods: dict[str, dict[str, Any]] = {}
+    for op in OPS:
+        methods[op] = {}
+        for family in methods_for(op):
+            declared = get_family(family).cost.get(op)
+            methods[op][family] = None if declared is None else {
+                s: {k: float(declared.get(s, {}).get(k, 0)) for k in KINDS} for s in SECTIONS}
+    return {"weights": dict(DEFAULT_WEIGHTS), "methods": methods}
 
 
 def load_cost_table(path: str | Path | None = None) -> dict:
     """The default table, overridden by the file at ``path`` if given; every count a float."""
-    empty = {"weights": {k: 0.0 for k in KINDS},
-             "methods": {op: {m: {s: {k: 0.0 for k in KINDS} for s in SECTIONS} for m in methods_for(op)}
-                         for op in OPS}}
-    table = _merge(empty, read_json(DEFAULT_TABLE, "cost table"), str(DEFAULT_TABLE))
+    table = default_cost_table()
     return table if path is None else _merge(table, read_json(path, "cost table"), str(path))
 
 
 def method_cost(table: Mapping, op: str, method: str) -> tuple[float, float]:
     """Weighted operations of one method: (per element, per row)."""
     w = table["weights"]
-    entry = table["methods"][op][method]
+    entry = table["methods"][op].get(method)
+    if entry is None:
+        raise UsageError(f"the {method} family declares no cost for {op}: add it to the family's cost "
+                         "or pass --cost-table FILE")
     return tuple(sum(w[k] * entry[s][k] for k in KINDS) for s in SECTIONS)  # type: ignore[return-value]
 
 
@@ -125,7 +145,7 @@ class CostObjective(Objective):
     """Weighted integer operations per image of the assignment, in millions (lower is better).
 
     Args:
-        table: a cost table file overriding the default (``objectives/cost_table.json``).
+        table: a cost table file overriding the defaults (the families' declared counts).
     """
 
     direction = "minimize"

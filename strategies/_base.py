@@ -33,6 +33,11 @@ class Strategy(ABC):
     needs_sensitivity: ClassVar[bool] = False
     arg_choices: ClassVar[tuple[str, ...]] = ()  # non-empty: the strategy takes ``name:arg``
 
+    @classmethod
+    def choices(cls) -> tuple[str, ...]:
+        """The arguments ``name:arg`` accepts (default: :attr:`arg_choices`; empty: no argument)."""
+        return cls.arg_choices
+
     def __init__(self, arg: str | None = None):
         self.arg = arg
 

@@ -24,7 +24,7 @@ def list_strategies() -> list[str]:
     """Every usable strategy name, arguments spelled out (``uniform:ibert``, ...)."""
     out = []
     for name, cls in _STRATEGIES.items():
-        out += [f"{name}:{a}" for a in cls.arg_choices] if cls.arg_choices else [name]
+        out += [f"{name}:{a}" for a in cls.choices()] if cls.choices() else [name]
     return out
 
 
@@ -34,10 +34,10 @@ def get_strategy(spec: str) -> Strategy:
     if name not in _STRATEGIES:
         raise unknown_choice("strategy", spec, list_strategies())
     cls = _STRATEGIES[name]
-    if cls.arg_choices:
-        if arg not in cls.arg_choices:
+    if cls.choices():
+        if arg not in cls.choices():
             raise unknown_choice(f"argument of strategy {name}", arg or "(none)",
-                                 [f"{name}:{a}" for a in cls.arg_choices])
+                                 [f"{name}:{a}" for a in cls.choices()])
     elif arg:
         raise UsageError(f"strategy {name!r} takes no argument (got {spec!r})")
     return cls(arg or None)

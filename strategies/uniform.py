@@ -1,8 +1,9 @@
-"""One method family everywhere: the single-method baselines of the paper (I-BERT, FQ-ViT, I-ViT)."""
+"""One method family everywhere: the single-method baselines of the paper (I-BERT, FQ-ViT, I-ViT,
+and any registered family)."""
 
 from __future__ import annotations
 
-from mnq_search.sensitivity import UNIFORM_GELU_FOR_FQVIT, uniform_for
+from mnq_search.methods import list_families, uniform_assignment
 
 from ._base import SearchContext, Strategy
 from ._registry import register_strategy
@@ -10,12 +11,14 @@ from ._registry import register_strategy
 
 @register_strategy("uniform")
 class UniformStrategy(Strategy):
-    """``uniform:<family>``: that family in every slot. FQ-ViT has no integer GELU (it keeps GELU in
-    float); ``uniform:fqvit`` uses I-BERT's i-GELU there, since FQ-ViT's Log-Int-Softmax builds on
-    I-BERT's i-exp: the polynomial family is its closest integer relative."""
+    """``uniform:<family>``: that family in every slot, its declared stand-in where it has no method
+    for an op (FQ-ViT keeps GELU in float; ``uniform:fqvit`` uses I-BERT's i-GELU there)."""
 
-    arg_choices = ("ibert", "fqvit", "ivit")
-    description = f"one family in every slot (uniform:fqvit uses {UNIFORM_GELU_FOR_FQVIT} for GELU)"
+    description = "one family in every slot (a family's stand-in where it has no method, e.g. FQ-ViT's GELU)"
+
+    @classmethod
+    def choices(cls) -> tuple[str, ...]:
+        return list_families()
 
     def select(self, ctx: SearchContext) -> dict[str, str]:
-        return uniform_for(self.arg, ctx.slot_ops)
+        return uniform_assignment(self.arg, ctx.slot_ops)

@@ -6,9 +6,9 @@ import pytest
 import timm
 import torch
 
-from mnq_search.convert import convert_model, uniform_assignment
+from mnq_search.convert import convert_model
 from mnq_search.errors import UsageError
-from mnq_search.sensitivity import uniform_for
+from mnq_search.methods import uniform_assignment
 
 SMALL = {
     "deit_tiny_patch16_224": dict(img_size=32, patch_size=8),
@@ -51,7 +51,7 @@ def test_quantized_model_stays_close_to_float(name):
     with torch.no_grad():
         ref = model(x)
         for method in ("ibert", "fqvit", "ivit"):
-            q.set_assignment(uniform_for(method, q.slot_ops()))
+            q.set_assignment(uniform_assignment(method, q.slot_ops()))
             q.train()
             q(x)
             q.eval()
@@ -84,7 +84,7 @@ def test_swin_shift_mask_enters_as_integer_sentinel():
             probs["p"] = y
 
     for method in ("ibert", "fqvit", "ivit"):
-        q.set_assignment(uniform_for(method, q.slot_ops()))
+        q.set_assignment(uniform_assignment(method, q.slot_ops()))
         q.train()
         with torch.no_grad():
             q(x)
@@ -112,7 +112,7 @@ def test_conversion_refuses_unsupported_models_and_bits():
 def test_set_assignment_validates_before_changing_anything():
     q = convert_model(build("deit_tiny_patch16_224"), 8)
     before = q.get_assignment()
-    bad = uniform_assignment(q.slot_ops(), "ivit")
+    bad = uniform_assignment("ivit", q.slot_ops())
     bad["blocks.0.mlp.act"] = "fqvit"  # FQ-ViT has no GELU
     with pytest.raises(UsageError, match="not valid for gelu"):
         q.set_assignment(bad)

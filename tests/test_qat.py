@@ -17,7 +17,7 @@ from mnq_search.calibrate import calibrate, evaluate
 from mnq_search.convert import convert_model
 from mnq_search.data import FmnistSource
 from mnq_search.qat import QATConfig, train_qat
-from mnq_search.sensitivity import uniform_for
+from mnq_search.methods import uniform_assignment
 from tests.conftest import FULL_FMNIST, needs_full_fmnist
 
 TRAIN_KEEP = 64  # training images kept (the rest held out) so an epoch is 4 steps of 16
@@ -38,7 +38,7 @@ def data():
 
 def quant_model(data, method="ivit", seed=0):
     q = convert_model(tiny_vit(seed), 8)
-    q.set_assignment(uniform_for(method, q.slot_ops()))
+    q.set_assignment(uniform_assignment(method, q.slot_ops()))
     calibrate(q, data.calib_batches(32, 32, 0))
     return q
 

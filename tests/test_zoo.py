@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mnq_search.convert import convert_model
-from mnq_search.sensitivity import uniform_for
+from mnq_search.methods import uniform_assignment
 from mnq_search.zoo import create_zoo_model, get_zoo_entry, list_zoo
 
 EXPECTED = {"fmnist-deit-tiny": (12, 12, 25, 5_353_738), "fmnist-vit-small": (12, 12, 25, None),
@@ -27,7 +27,7 @@ def test_zoo_entry_converts_and_runs(name):
     assert (c["softmax"], c["gelu"], c["layernorm"]) == (soft, gelu, ln)
     if params:
         assert sum(p.numel() for p in model.parameters()) == params  # the DeiT-T-structured default
-    q.set_assignment(uniform_for("ivit", q.slot_ops()))
+    q.set_assignment(uniform_assignment("ivit", q.slot_ops()))
     q.train()
     with torch.no_grad():
         q(x)

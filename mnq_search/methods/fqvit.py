@@ -19,10 +19,23 @@ from ..integer._compiled import HAVE_NUMBA, bitlen_i64, fast_enabled, floor_div_
 from ._fast import FastPlan, _exp_rows
 from ._intops import (as_kind, bitlen, check_range, dyadic, exp_to_uint16, floor_div, i_exp, isqrt, round_div,
                       round_shr, shl, shr)
-from ._registry import register_method
+from ._registry import Family, register_family, register_method
 from ._tables import TableSoftmax
 
 LOG_BITS = 4  # FQ-ViT's default width of the log2 code
+
+
+FAMILY = register_family(Family(
+    name="fqvit", title="FQ-ViT", color="tab:green",
+    paper="Lin, Zhang, Sun, Li, Zhou, FQ-ViT: Post-Training Quantization for Fully Quantized Vision Transformer, "
+          "IJCAI 2022",
+    cost={"softmax": {"element": {"add": 11, "mul": 2, "shift": 7, "div": 2, "compare": 11, "lookup": 1}},
+          "layernorm": {"element": {"add": 16, "mul": 5, "shift": 14, "div": 2, "compare": 12, "lookup": 1},
+                        "row": {"add": 8, "mul": 2, "shift": 8, "div": 6, "compare": 29, "lookup": 1}}},
+    # FQ-ViT keeps GELU in float; its log2 softmax builds on I-BERT's i-exp, so uniform:fqvit takes
+    # the polynomial family's i-GELU, its closest integer relative
+    stand_ins={"gelu": "ibert"},
+))
 
 
 @jit

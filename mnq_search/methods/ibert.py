@@ -19,8 +19,19 @@ from ..integer._compiled import HAVE_NUMBA, fast_enabled, jit
 from ._fast import softmax_divide_kernel
 from ._intops import (bitlen, check_range, exp_to_uint16, floor_div, i_exp, isqrt, ln_affine_bias, ln_center,
                       ln_normalize, mul_shr, prescale, shl, shr)
-from ._registry import register_method
+from ._registry import Family, register_family, register_method
 from ._tables import TableSoftmax, elementwise_plan, layernorm_plan
+
+
+FAMILY = register_family(Family(
+    name="ibert", title="I-BERT", color="tab:blue",
+    paper="Kim, Gholami, Yao, Mahoney, Keutzer, I-BERT: Integer-only BERT Quantization, ICML 2021",
+    # integer operations of each kernel (the integer path), per element and per row; see objectives/cost.py
+    cost={"softmax": {"element": {"add": 6, "mul": 3, "shift": 3, "div": 1, "compare": 6}, "row": {"div": 1}},
+          "gelu": {"element": {"add": 4, "mul": 3, "shift": 1, "compare": 3}},
+          "layernorm": {"element": {"add": 4, "mul": 2, "shift": 2},
+                        "row": {"add": 8, "shift": 11, "div": 8, "compare": 30, "lookup": 1}}},
+))
 
 
 @register_method("softmax", "ibert")

@@ -13,10 +13,22 @@ from ._base import AffineLayerNorm, NonLinearMethod
 from ._fast import softmax_divide_kernel
 from ._intops import (INT32_MAX, check_range, floor_div, isqrt, ln_affine_bias, ln_center, ln_normalize,
                       mul_shr, shift_exp)
-from ._registry import register_method
+from ._registry import Family, register_family, register_method
 from ._tables import TableSoftmax, elementwise_plan, layernorm_plan
 
 SIGMOID_BITS = 8  # ShiftGELU's internal sigmoid width (I-ViT: 8)
+
+
+FAMILY = register_family(Family(
+    name="ivit", title="I-ViT", color="tab:orange",
+    paper="Li and Gu, I-ViT: Integer-only Quantization for Efficient Vision Transformer Inference, ICCV 2023",
+    cost={"softmax": {"element": {"add": 7, "mul": 2, "shift": 5, "div": 1, "compare": 2},
+                      "row": {"div": 1, "compare": 1}},
+          # ShiftGELU with e^-m per element: two shift-exps, the sigmoid's division, q * sigmoid
+          "gelu": {"element": {"add": 10, "mul": 4, "shift": 9, "div": 3, "compare": 3}},
+          "layernorm": {"element": {"add": 4, "mul": 2, "shift": 1},
+                        "row": {"add": 8, "shift": 10, "div": 8, "compare": 29, "lookup": 1}}},
+))
 
 
 @register_method("softmax", "ivit")

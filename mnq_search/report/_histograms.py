@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 
 from ..errors import UsageError
-from ._style import METHOD_TITLES, new_figure
+from ._style import method_title, new_figure
 
 DEFAULT_SLOT_COUNT = 4
 MAX_VALUES = 400_000  # per histogram: a seeded sample when a slot's output is larger
@@ -159,7 +159,7 @@ def plot_histograms(outputs: Mapping[str, Mapping[str, np.ndarray]], diffs: Mapp
             mark = " (chosen)" if chosen.get(slot) == method else ""
             diff = diffs.get((slot, method))
             diff_text = f"SQNR diff = {diff:.2f} dB" if diff is not None else "SQNR diff n/a"
-            ax.set_title(f"{labels.get(slot, slot)} {METHOD_TITLES.get(method, method)}{mark}\n{diff_text}",
+            ax.set_title(f"{labels.get(slot, slot)} {method_title(method)}{mark}\n{diff_text}",
                          fontsize=9)
         for ax in row[len(methods):]:
             ax.set_axis_off()

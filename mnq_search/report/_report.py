@@ -20,7 +20,7 @@ from ._inputs import Folder, Inputs, find_inputs
 from ._optuna import optuna_plots
 from ._qat import group_by_model, group_title, plot_qat_asqnr, plot_top1_history
 from ._sensitivity import plot_sensitivity, sensitivity_labels, sensitivity_slots
-from ._style import METHOD_TITLES, save_png, slug
+from ._style import method_title, save_png, slug
 from ._tables import Table, table3, table4, to_csv, to_html, to_markdown, top1_records
 
 DEFAULT_IMAGES = 64
@@ -174,7 +174,7 @@ def _slot_key_html(rows: list[dict], chosen: dict[str, str]) -> str:
     slots, slot_ops = sensitivity_slots(rows)
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
     diff = {(r["slot"], r["method"]): r["sqnr_diff"] for r in rows}
-    head = "".join(f"<th>SQNR diff {html.escape(METHOD_TITLES.get(m, m))}</th>" for m in methods)
+    head = "".join(f"<th>SQNR diff {html.escape(method_title(m))}</th>" for m in methods)
     body = "".join(
         f"<tr><td>{html.escape(labels[s])}</td><td>{html.escape(s)}</td><td>{html.escape(chosen.get(s, '—'))}</td>"
         + "".join(f"<td>{diff[(s, m)]:.2f}</td>" if (s, m) in diff else "<td>—</td>" for m in methods) + "</tr>"

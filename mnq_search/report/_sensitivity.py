@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from ._style import METHOD_TITLES, OP_TITLES, OPS, method_color, new_figure, slot_labels
+from ._style import OP_TITLES, OPS, method_color, method_title, new_figure, slot_labels
 
 
 def sensitivity_slots(rows: Sequence[dict]) -> tuple[list[str], dict[str, str]]:
@@ -70,6 +70,6 @@ def _draw_op(ax, rows: Sequence[dict], slots: list[str], labels: dict[str, str],
 
 
 def _legend(methods: list[str]) -> list:
-    handles = [Patch(color=method_color(m), alpha=0.75, label=f"{METHOD_TITLES.get(m, m)} SQNR diff") for m in methods]
+    handles = [Patch(color=method_color(m), alpha=0.75, label=f"{method_title(m)} SQNR diff") for m in methods]
     return handles + [Line2D([], [], color=method_color(m), marker="o", markersize=3,
-                             label=f"{METHOD_TITLES.get(m, m)} ASQNR out") for m in methods]
+                             label=f"{method_title(m)} ASQNR out") for m in methods]

@@ -16,11 +16,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..io import atomic_path
+from ..methods import OPS as OPS  # noqa: F401 (the ops, in the report's order)
+from ..methods import get_family
 
-OPS = ("softmax", "gelu", "layernorm")
 OP_TITLES = {"softmax": "Softmax", "gelu": "GELU", "layernorm": "LayerNorm"}
-METHOD_TITLES = {"ibert": "I-BERT", "fqvit": "FQ-ViT", "ivit": "I-ViT", "float": "float"}
-METHOD_COLORS = {"ibert": "tab:blue", "fqvit": "tab:green", "ivit": "tab:orange", "float": "tab:gray"}
+FLOAT_COLOR = "tab:gray"
 OURS = "sqnr_diff"  # the paper's rule, drawn in red as in its Figure 3
 OURS_COLOR = "tab:red"
 _OTHER_COLORS = ("tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
@@ -29,7 +29,23 @@ DPI = 110
 
 
 def method_color(method: str) -> str:
-    return METHOD_COLORS.get(method, "tab:purple")
+    """The colour a method family declares (grey for the float op, purple for an unknown name)."""
+    if method == "float":
+        return FLOAT_COLOR
+    try:
+        return get_family(method).color
+    except ValueError:
+        return "tab:purple"
+
+
+def method_title(method: str) -> str:
+    """The display name a method family declares (``I-BERT``), or the name itself."""
+    if method == "float":
+        return "float"
+    try:
+        return get_family(method).title
+    except ValueError:
+        return method
 
 
 def strategy_colors(strategies: Iterable[str]) -> dict[str, str]:

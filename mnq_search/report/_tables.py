@@ -22,7 +22,7 @@ from typing import Any
 from ..methods import NONLINEAR_METHODS
 from ._inputs import Folder, Inputs
 from ._qat import top1_per_epoch
-from ._style import METHOD_TITLES, OP_TITLES, OPS
+from ._style import OP_TITLES, OPS, method_title
 
 FULL_PRECISION = "full precision"
 FP_BITS = 32
@@ -80,7 +80,9 @@ def to_html(table: Table, table_id: str) -> str:
 
 # --- Table 3 -------------------------------------------------------------------------------------
 
-TABLE3_KEYS = [(op, m) for op in OPS for m in NONLINEAR_METHODS[op]]
+def table3_keys() -> list[tuple[str, str]]:
+    """(op, method) columns of Table 3: every registered family's methods, read when the table is made."""
+    return [(op, m) for op in OPS for m in NONLINEAR_METHODS[op]]
 
 
 def _counts(folder: Folder) -> dict[str, dict[str, int]] | None:
@@ -98,14 +100,14 @@ def _counts(folder: Folder) -> dict[str, dict[str, int]] | None:
 def table3(folders: Sequence[Folder]) -> Table:
     """Table 3: slots per op x method for every run whose assignment is known."""
     table = Table("Table 3: non-linear methods chosen, slots per op and method",
-                  ["folder", "model", "bits", "strategy"] + [f"{op}.{m}" for op, m in TABLE3_KEYS],
+                  ["folder", "model", "bits", "strategy"] + [f"{op}.{m}" for op, m in table3_keys()],
                   ["folder", "model", "bits", "strategy"]
-                  + [f"{OP_TITLES[op]} {METHOD_TITLES.get(m, m)}" for op, m in TABLE3_KEYS])
+                  + [f"{OP_TITLES[op]} {method_title(m)}" for op, m in table3_keys()])
     for f in folders:
         counts = _counts(f)
         if counts is not None:
             table.rows.append([f.label, f.model, f.bits, f.strategy]
-                              + [int(counts.get(op, {}).get(m, 0)) for op, m in TABLE3_KEYS])
+                              + [int(counts.get(op, {}).get(m, 0)) for op, m in table3_keys()])
     return table
 
 

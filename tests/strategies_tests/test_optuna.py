@@ -20,7 +20,7 @@ from mnq_search.errors import UsageError
 from mnq_search.pipeline import RunConfig, prepare, read_sensitivity_csv
 from mnq_search.search_options import SAMPLERS, SearchOptions, make_sampler
 from mnq_search.search_store import open_storage
-from mnq_search.sensitivity import uniform_for
+from mnq_search.methods import uniform_assignment
 from mnq_search.slot import methods_for
 from objectives import Objective, get_objective, list_objectives
 from objectives.cost import CostObjective, load_cost_table, method_cost
@@ -84,7 +84,7 @@ def test_warm_starts_are_the_first_trials(base, tmp_path):
         assert t.user_attrs["warm_start"] == "+".join(expected[json.dumps(t.params, sort_keys=True)])
     assert [t.user_attrs["warm_start"].split("+")[0] for t in trials[:3]] == \
         ["uniform:ibert", "uniform:fqvit", "uniform:ivit"]
-    assert trials[1].params == uniform_for("fqvit", ctx.slot_ops)
+    assert trials[1].params == uniform_assignment("fqvit", ctx.slot_ops)
     assert all("warm_start" not in t.user_attrs for t in trials[n_warm:])
     best = min(t.value for t in trials[:n_warm])
     assert study.best_value <= best  # it can only improve on the warm starts
@@ -98,7 +98,7 @@ def test_proxy_study_is_reproducible_with_a_seed(base, tmp_path):
         runs.append((assignment, [(t.params, t.value) for t in study.trials]))
     assert runs[0] == runs[1]
     params = [p for p, _ in runs[0][1]]
-    assert params[0] == uniform_for("ivit", make_ctx(base, tmp_path).slot_ops) and params[1] != params[2]
+    assert params[0] == uniform_assignment("ivit", make_ctx(base, tmp_path).slot_ops) and params[1] != params[2]
     assert all(v >= 0 and math.isfinite(v) for _, v in runs[0][1])  # KL
 
 
@@ -140,7 +140,7 @@ def test_cost_table_default_and_override(base, tmp_path):
     elems, rows = cost.geometry["blocks.0.attn.softmax"]
     assert (elems, rows) == (3 * 50 * 50, 3 * 50)  # 3 heads, 49 patches + class token
     assert cost.geometry["blocks.0.norm1"] == (50 * 192, 50)
-    ivit = uniform_for("ivit", ctx.slot_ops)
+    ivit = uniform_assignment("ivit", ctx.slot_ops)
     base_cost = cost.evaluate(ivit, ctx)
     # by hand: the same sum from the table
     by_hand = sum(e * method_cost(cost.table, ctx.slot_ops[s], "ivit")[0] + r * method_cost(cost.table, ctx.slot_ops[s], "ivit")[1]
@@ -219,12 +219,12 @@ def test_qat_objective_uses_held_out_training_images_and_reports(base, tmp_path,
     monkeypatch.setattr(data, "eval_batches", no_test_split)
     obj = QATObjective(steps=1, holdout=4)
     trial = _FakeTrial(prune=False)
-    top1 = obj.evaluate(uniform_for("ivit", ctx.slot_ops), ctx, trial)
+    top1 = obj.evaluate(uniform_assignment("ivit", ctx.slot_ops), ctx, trial)
     assert 0.0 <= top1 <= 100.0 and top1 * 4 / 100 == pytest.approx(round(top1 * 4 / 100))  # 4 images
     assert trial.reports == [(1, top1)]
     assert qmodel.get_assignment()["blocks.0.norm1"] == "float"  # the shared model is untouched
     with pytest.raises(optuna.TrialPruned):
-        obj.evaluate(uniform_for("ibert", ctx.slot_ops), ctx, _FakeTrial(prune=True))
+        obj.evaluate(uniform_assignment("ibert", ctx.slot_ops), ctx, _FakeTrial(prune=True))
 
 
 def test_qat_objective_options():
