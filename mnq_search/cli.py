@@ -68,7 +68,8 @@ SEARCH_FLAGS = ("objective", "n_trials", "timeout", "n_jobs", "sampler", "pruner
 
 
 def _add_search_args(p: argparse.ArgumentParser) -> None:
-    from .search_options import PRUNERS, SAMPLERS, SearchOptions as D
+    from .search import SearchOptions as D
+    from .search import list_pruners, list_samplers
 
     g = p.add_argument_group("search", "joint search (--strategy optuna): a study in --storage; workers that name "
                                        "the same --storage and --study share it")
@@ -79,8 +80,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                    help=f"trials the study finishes (complete or pruned), all workers together (default: {D.n_trials})")
     g.add_argument("--timeout", metavar="S", type=float, default=None, help="seconds this worker searches at most (default: no limit)")
     g.add_argument("--n-jobs", metavar="N", type=int, default=None, help=f"trials run in parallel threads by this worker (default: {D.n_jobs})")
-    g.add_argument("--sampler", choices=SAMPLERS, default=None, help=f"Optuna sampler, seeded by --seed (default: {D.sampler})")
-    g.add_argument("--pruner", choices=PRUNERS, default=None,
+    g.add_argument("--sampler", choices=list_samplers(), default=None, help=f"Optuna sampler, seeded by --seed (default: {D.sampler})")
+    g.add_argument("--pruner", choices=list_pruners(), default=None,
                    help=f"stops bad trials early from the qat objective's intermediate top-1 (default: {D.pruner})")
     g.add_argument("--storage", metavar="URL", default=None,
                    help="Optuna storage: sqlite:///FILE, postgresql+psycopg2://USER@HOST:PORT/DB or journal:FILE "
@@ -247,7 +248,7 @@ def _search_options(args, cfg) -> None:
     """Put the search group's flags into ``cfg.extra``, validated before any model is loaded."""
     given = {k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None}
     if args.strategy.partition(":")[0] == "optuna":
-        from .search_options import SearchOptions
+        from .search import SearchOptions
 
         if "objective" in given:
             given["objectives"] = given.pop("objective")
@@ -348,13 +349,13 @@ def _cmd_export(args) -> int:
     if args.compare is not None:
         if args.study is not None:
             raise UsageError("--study applies only with --storage")
-        from .search_export import export_compare
+        from .search._export import export_compare
 
         n = export_compare(args.compare, args.csv)
         print(f"wrote {args.csv} ({n} runs)")
         return 0
-    from .search_export import export_trials
-    from .search_store import storage_url
+    from .search._export import export_trials
+    from .search import storage_url
 
     name, n = export_trials(storage_url(args.storage), args.study, args.csv)
     print(f"wrote {args.csv} ({n} trials of study {name})")
@@ -362,8 +363,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_dashboard(args) -> int:
-    from .search_dashboard import serve_dashboard
-    from .search_store import storage_url
+    from .search._dashboard import serve_dashboard
+    from .search import storage_url
 
     serve_dashboard(storage_url(args.storage), args.port)
     return 0

@@ -63,7 +63,7 @@ class Objective(ABC):
 
     @classmethod
     def from_options(cls, options: Any) -> "Objective":
-        """Build from a :class:`~mnq_search.search_options.SearchOptions` (default: no arguments)."""
+        """Build from a :class:`~mnq_search.search.SearchOptions` (default: no arguments)."""
         return cls()
 
     def setup(self, ctx: Any) -> None:

@@ -12,7 +12,7 @@ the paper (section 3.2) treat layers as independent.
   and one thread a study is reproducible.
 - Storage by URL, default ``sqlite:///OUT/study.db``; several ``mnq-search run --strategy optuna
   --storage URL --study NAME`` processes work on one study, and a killed worker's trial is retried
-  (:mod:`mnq_search.search_store`).
+  (:mod:`mnq_search.search`).
 
 An assignment that a completed trial already evaluated is not evaluated again: the trial copies
 that trial's values (user attribute ``same_as``). An integer overflow in a kernel gives the
@@ -34,8 +34,8 @@ from typing import Any
 from mnq_search.errors import UsageError
 from mnq_search.io import atomic_write_json
 from mnq_search.plan import counts
-from mnq_search.search_options import SearchOptions, make_pruner, make_sampler
-from mnq_search.search_store import (StudySpec, claim_budget, default_storage_url, mask_url, open_storage,
+from mnq_search.search import SearchOptions, make_pruner, make_sampler
+from mnq_search.search import (StudySpec, claim_budget, default_storage_url, mask_url, open_storage,
                                      open_study, parse_storage, run_worker, tally)
 from mnq_search.slot import methods_for
 
@@ -113,7 +113,7 @@ def _sort_key(values, objectives) -> tuple[float, ...]:
 @register_strategy("optuna")
 class OptunaStrategy(Strategy):
     """Optuna study over all slots jointly; options from ``ctx.extra["optuna"]`` (the CLI's search
-    group, :class:`~mnq_search.search_options.SearchOptions`). Returns the best assignment: of a
+    group, :class:`~mnq_search.search.SearchOptions`). Returns the best assignment: of a
     two-objective study, the Pareto point best in the first objective (ties: the second)."""
 
     description = "joint search over all slots with an Optuna study (--objective proxy|qat|cost, warm-started)"

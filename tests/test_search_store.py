@@ -20,9 +20,9 @@ import pytest
 
 from mnq_search.cli import main
 from mnq_search.errors import UsageError
-from mnq_search.search_export import compare_rows, trial_rows
-from mnq_search.search_store import (BudgetFull, StudySpec, claim_budget, default_storage_url, mask_url,
-                                     open_storage, open_study, parse_storage, run_worker, storage_url)
+from mnq_search.search._export import compare_rows, trial_rows
+from mnq_search.search import (BudgetFull, StudySpec, claim_budget, default_storage_url, mask_url,
+                               open_storage, open_study, parse_storage, run_worker, storage_url)
 from tests.search_fixtures import (ROOT, PostgresServer, find_pg_bin, finish, in_threads, kill_mid_trial,  # noqa: F401
                                    make_checkpoint, make_sensitivity, one_torch_thread, read_trials, start_worker,
                                    worker_cmd)

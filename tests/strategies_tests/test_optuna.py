@@ -18,8 +18,8 @@ from mnq_search.cli import main
 from mnq_search.convert import convert_model
 from mnq_search.errors import UsageError
 from mnq_search.pipeline import RunConfig, prepare, read_sensitivity_csv
-from mnq_search.search_options import SAMPLERS, SearchOptions, make_sampler
-from mnq_search.search_store import open_storage
+from mnq_search.search import SearchOptions, list_samplers, make_sampler
+from mnq_search.search import open_storage
 from mnq_search.methods import uniform_assignment
 from mnq_search.slot import methods_for
 from objectives import Objective, get_objective, list_objectives
@@ -234,7 +234,7 @@ def test_qat_objective_options():
         QATObjective(holdout=0)
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", list_samplers())
 def test_samplers_are_seeded(name):
     def draws(seed):
         study = optuna.create_study(sampler=make_sampler(name, seed))

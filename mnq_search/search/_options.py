@@ -1,14 +1,6 @@
-"""Options of a joint search (``mnq-search run --strategy optuna``), samplers and pruners by name.
-
-The options travel as a plain dict in ``RunConfig.extra["optuna"]`` (the CLI's "search" group);
-:meth:`SearchOptions.from_dict` rebuilds and :meth:`SearchOptions.validate` checks them, both
-before any model is loaded (the CLI) and again in the strategy.
-
-Samplers (all seeded): ``tpe`` (multivariate TPE, the default), ``gp`` (Gaussian process),
-``nsga2`` (genetic; suits two-objective studies), ``random``. Pruners: ``median``,
-``halving`` (successive halving), ``none``; only objectives that report intermediate values
-(``qat``) in a one-objective study are pruned.
-"""
+"""Options of a joint search (``mnq-search run --strategy optuna``): one typed object, built and
+validated once from the CLI's "search" group before any model is loaded, and handed to the
+strategy through the run context."""
 
 from __future__ import annotations
 
@@ -16,10 +8,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UsageError, unknown_choice
+from ..errors import UsageError, unknown_choice
+from ._samplers import list_pruners, list_samplers
 
-SAMPLERS = ("tpe", "gp", "nsga2", "random")
-PRUNERS = ("median", "halving", "none")
 MAX_OBJECTIVES = 2
 
 
@@ -70,10 +61,10 @@ class SearchOptions:
             raise UsageError(f"--grace must be an integer >= 1, got {self.grace!r}")
         if self.timeout is not None and not self.timeout > 0:
             raise UsageError(f"--timeout must be positive, got {self.timeout}")
-        if self.sampler not in SAMPLERS:
-            raise unknown_choice("sampler", self.sampler, SAMPLERS)
-        if self.pruner not in PRUNERS:
-            raise unknown_choice("pruner", self.pruner, PRUNERS)
+        if self.sampler not in list_samplers():
+            raise unknown_choice("sampler", self.sampler, list_samplers())
+        if self.pruner not in list_pruners():
+            raise unknown_choice("pruner", self.pruner, list_pruners())
         if not self.objectives or len(self.objectives) > MAX_OBJECTIVES:
             raise UsageError(f"--objective takes one or two objectives (e.g. qat or qat,cost), got {len(self.objectives)}")
         if len(set(self.objectives)) != len(self.objectives):
@@ -87,7 +78,7 @@ class SearchOptions:
                     raise UsageError("--warm-start cannot name the optuna strategy itself")
                 get_strategy(name)
         if self.storage is not None:
-            from .search_store import parse_storage
+            from ._storage import parse_storage
 
             parse_storage(self.storage)
         return self
@@ -103,34 +94,3 @@ def split_names(text: str) -> tuple[str, ...]:
     """``"qat, cost"`` -> ``("qat", "cost")``; ``"none"`` -> ``()``."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     return () if names == ("none",) else names
-
-
-def make_sampler(name: str, seed: int | None):
-    """A seeded Optuna sampler by name (see :data:`SAMPLERS`)."""
-    import optuna
-
-    from .search_store import quiet_experimental
-
-    with quiet_experimental():
-        if name == "tpe":  # multivariate: the slots are searched jointly, not one by one
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
-        if name == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed)
-        if name == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-    raise unknown_choice("sampler", name, SAMPLERS)
-
-
-def make_pruner(name: str):
-    """An Optuna pruner by name (see :data:`PRUNERS`)."""
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5)
-    if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    raise unknown_choice("pruner", name, PRUNERS)

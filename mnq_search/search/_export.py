@@ -18,10 +18,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .io import atomic_write_text, csv_text
-from .plan import OPS, counts
-from .slot import methods_for
+from ..errors import UsageError
+from ..io import atomic_write_text, csv_text
+from ..plan import OPS, counts
+from ..slot import methods_for
 
 COUNT_COLUMNS = [f"{op}_{m}" for op in OPS for m in methods_for(op)]
 
@@ -41,7 +41,7 @@ def resolve_study_name(storage, name: str | None) -> str:
         raise UsageError(f"the storage holds {len(names)} studies; name one with --study"
                          + (f" ({', '.join(sorted(names))})" if names else ""))
     if name not in names:
-        from .errors import unknown_choice
+        from ..errors import unknown_choice
 
         raise unknown_choice("study", name, names)
     return name
@@ -49,7 +49,7 @@ def resolve_study_name(storage, name: str | None) -> str:
 
 def trial_rows(study) -> tuple[list[str], list[dict[str, Any]]]:
     """The trials CSV's header and rows (see the module docstring)."""
-    from .search_store import study_meta
+    from ._study import study_meta
 
     metrics = study.metric_names or [f"{i}" for i in range(len(study.directions))]
     slot_ops = study_meta(study).get("slot_ops")
@@ -92,7 +92,7 @@ def export_trials(storage_url: str, study_name: str | None, csv_path: str | Path
     """Write the trials CSV of a study; returns (study name, row count)."""
     import optuna
 
-    from .search_store import open_storage
+    from ._storage import open_storage
 
     storage = open_storage(storage_url, create=False)
     name = resolve_study_name(storage, study_name)

@@ -12,7 +12,7 @@ import sys
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from .errors import UsageError
+from ..errors import UsageError
 
 HOST = "127.0.0.1"
 
@@ -33,7 +33,7 @@ def make_dashboard_server(storage_url: str, port: int = 0) -> WSGIServer:
         import optuna_dashboard
     except ImportError:
         raise UsageError("the dashboard needs optuna-dashboard: pip install 'mnq-search[dashboard]'") from None
-    from .search_store import open_storage
+    from ._storage import open_storage
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {port}")
