@@ -42,6 +42,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None,
                    help="zoo name (mnq-search list models) or timm name (default: fmnist-deit-tiny)")
     g.add_argument("--checkpoint", default=None, help="local weights: safetensors or torch state dict (default: the zoo's)")
+    g.add_argument("--num-classes", type=int, default=None,
+                   help="outputs of the classifier (default: as many as the checkpoint's classifier has)")
     g.add_argument("--data", default=None,
                    help="fmnist, fmnist:PATH or imagefolder:PATH (default: the model's own data set)")
     g.add_argument("--download", action="store_true", help="let torchvision download Fashion-MNIST if missing")
@@ -110,7 +112,7 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import RunConfig
+    from .context import RunSettings as RunConfig
 
     parser = _Parser(prog="mnq-search", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,70 +222,79 @@ def _print_run_table(result: dict) -> None:
                   f"({subset}; {result['calib_images']} calibration images; {result['wall_time_s']:.1f} s)")
 
 
-def _cmd_run(args) -> int:
-    from .pipeline import RunConfig, run
+def _settings(args, **extra) -> "RunSettings":
+    """The typed settings of run / eval / qat from the parsed flags (checked by ``validate``)."""
+    from .context import RunSettings
 
-    cfg = RunConfig(strategy=args.strategy, model=args.model, checkpoint=args.checkpoint, data=args.data,
-                    bits=args.bits, calib_size=args.calib_size, eval_size=args.eval_size,
-                    batch_size=args.batch_size, out=args.out, seed=args.seed, device=args.device,
-                    asqnr_form=args.asqnr_form, sensitivity=args.sensitivity, download=args.download,
-                    progress=not args.quiet, qat_epochs=args.qat_epochs, fine_grid=bool(args.fine_grid))
-    if args.qat_epochs < 0:
-        raise UsageError(f"--qat-epochs must be 0 or more, got {args.qat_epochs}")
-    _search_options(args, cfg)
-    result = run(cfg)
+    return RunSettings(model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, data=args.data,
+                       download=args.download, bits=args.bits if args.bits is not None else 8,
+                       fine_grid=bool(args.fine_grid), calib_size=args.calib_size, eval_size=args.eval_size,
+                       batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet,
+                       **extra)
+
+
+def _search_options(args):
+    """The search group's flags as typed options (None when none is given and the strategy is not
+    optuna)."""
+    given = {k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None}
+    if args.strategy.partition(":")[0] != "optuna":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise UsageError(f"{flag} applies only to --strategy optuna")
+        return None
+    from .search import SearchOptions
+
+    if "objective" in given:
+        given["objectives"] = given.pop("objective")
+    return SearchOptions.from_dict(given)
+
+
+def _cmd_run(args) -> int:
+    from .preflight import check_output_dir, check_output_file, check_storage
+
+    check_output_dir(args.out)  # before the heavy imports (torch, the model code)
+    if args.storage:
+        check_storage(args.storage)
+    if args.sensitivity_cache:
+        check_output_file(args.sensitivity_cache, "--sensitivity-cache")
+    from .pipeline import preflight_run, run
+
+    settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
+                         sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
+                         sensitivity_cache=args.sensitivity_cache, search=_search_options(args))
+    preflight_run(settings)
+    result = run(settings)
     _print_run_table(result)
-    files = ["assignment.json"] + (["sensitivity.csv"] if result["sensitivity_measured"] else []) + ["result.json"]
-    search = cfg.extra.get("search")
+    search = result.get("search")
     if search:
         best = "  ".join(f"{m} {v}" for m, v in search["best"]["values"].items())
         print(f"study {search['study']} in {search['storage']}: trials {search['trials']}; best trial "
               f"{search['best']['number']}: {best}")
-        files += ["search.json"] + (["pareto.json"] if search["pareto_size"] else [])
-    print("wrote " + ", ".join(os.path.join(args.out, f) for f in files))
+    print("wrote " + ", ".join(os.path.join(args.out, f) for f in result["files"]))
     return 0
-
-
-def _search_options(args, cfg) -> None:
-    """Put the search group's flags into ``cfg.extra``, validated before any model is loaded."""
-    given = {k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None}
-    if args.strategy.partition(":")[0] == "optuna":
-        from .search import SearchOptions
-
-        if "objective" in given:
-            given["objectives"] = given.pop("objective")
-        cfg.extra["optuna"] = SearchOptions.from_dict(given).validate().to_dict()
-    elif given:
-        flag = "--" + next(iter(given)).replace("_", "-")
-        raise UsageError(f"{flag} applies only to --strategy optuna")
-    if args.sensitivity_cache:
-        cfg.extra["sensitivity_cache"] = args.sensitivity_cache
 
 
 def _cmd_eval(args) -> int:
     from .pipeline import evaluate_assignment
 
-    res = evaluate_assignment(args.assignment, args.model, args.checkpoint, args.data, args.bits, args.calib_size,
-                              args.eval_size, args.batch_size, args.seed, args.device, args.results_file,
-                              progress=not args.quiet, fine_grid=args.fine_grid)
+    res = evaluate_assignment(args.assignment, _settings(args), args.results_file,
+                              bits_given=args.bits is not None, fine_grid_given=args.fine_grid is not None)
     print(f"{res['model']} {res['bits']}-bit {res['assignment']}: top-1 {res['top1']:.2f} %  "
           f"top-5 {res['top5']:.2f} %  ({res['images']} images, {res['seconds']:.1f} s)")
     return 0
 
 
 def _cmd_qat(args) -> int:
-    from .pipeline import QATJob, qat_job
+    from .pipeline import qat_job
     from .qat import QATConfig
 
     qcfg = QATConfig(epochs=args.epochs or 1, steps=args.steps, lr=args.lr, batch_size=args.qat_batch_size,
                      weight_decay=args.weight_decay, distill=args.distill, seed=args.seed)
-    job = QATJob(args.assignment, args.out, args.resume, args.model, args.checkpoint, args.data, args.bits,
-                 args.calib_size, args.eval_size, args.batch_size, args.device, progress=not args.quiet,
-                 fine_grid=args.fine_grid)
-    res = qat_job(job, qcfg)
+    res = qat_job(args.assignment, _settings(args), qcfg, args.out, args.resume,
+                  bits_given=args.bits is not None, fine_grid_given=args.fine_grid is not None)
     if res:
         print(f"{res['model']} {res['bits']}-bit: top-1 PTQ {res['top1_ptq']:.2f} % -> QAT {res['top1_qat']:.2f} % "
-              f"({len(res['history'])} evaluations, {res['qat_seconds']:.0f} s); wrote {job.out or job.resume or 'runs/qat'}")
+              f"({len(res['history'])} evaluations, {res['qat_seconds']:.0f} s); wrote {res['out']}")
     return 0
 
 

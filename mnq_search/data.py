@@ -199,6 +199,11 @@ class DataSource:
         return validation_size(self.train_size)
 
     @property
+    def num_classes(self) -> int:
+        """Classes of the labels (a model's classifier needs at least this many outputs)."""
+        return len(FMNIST_CLASSES)
+
+    @property
     def train_size(self) -> int:
         raise NotImplementedError
 
@@ -347,6 +352,10 @@ class ImageFolderSource(DataSource):
     @property
     def train_size(self):
         return len(self.train)
+
+    @property
+    def num_classes(self):
+        return len(self.train.classes)
 
     def _loader(self, ds, index: torch.Tensor, batch_size: int):
         from torch.utils.data import DataLoader, Subset

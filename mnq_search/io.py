@@ -117,9 +117,11 @@ def load_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, {}
 
 
-def load_weights_into(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
-    """Load a checkpoint into ``model`` (cast to the model's dtypes); mismatched keys are a UsageError."""
-    state, meta = load_state_dict(path)
+def load_weights_into(model: torch.nn.Module, path: str | Path,
+                      loaded: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None) -> dict[str, str]:
+    """Load a checkpoint into ``model`` (cast to the model's dtypes); mismatched keys or shapes are a
+    one-line UsageError naming the first. ``loaded``: the file's (state, metadata), already read."""
+    state, meta = loaded if loaded is not None else load_state_dict(path)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -145,3 +145,31 @@ def measure_sensitivity(float_model: QuantModel, method_models: Mapping[str, Qua
                          valid=lambda method, op: method in methods_for(op), progress=progress)
     return [dict(slot=r["slot"], op=r["op"], method=r["label"], asqnr_in=r["asqnr_in"], asqnr_out=r["asqnr_out"],
                  sqnr_diff=r["sqnr_diff"]) for r in rows]
+
+
+def sensitivity_table(ctx) -> tuple[list[dict], dict[str, float]]:
+    """The sensitivity table of a run (:class:`~mnq_search.context.RunContext`): one calibrated
+    copy of the converted model per registered family, every slot measured against the float
+    model on the run's calibration images (batches of ``sens_batch_size``). Also times one float
+    pass over the same images, the reference of the sensitivity-time ratio in BENCHMARKS.md."""
+    import time
+
+    from .methods import list_families
+
+    st = ctx.settings
+    t = time.perf_counter()
+    calib = lambda: ctx.data.calib_batches(st.calib_size, st.sens_batch_size)  # noqa: E731
+    models = build_method_models(ctx.qmodel, list(list_families()), calib, ctx.device, st.progress)
+    float_ref = ctx.qmodel.set_quant(False)
+    try:
+        rows = measure_sensitivity(float_ref, models, calib(), ctx.device, st.asqnr_form, st.progress)
+    finally:
+        ctx.qmodel.set_quant(True)
+    sens_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for x, _ in calib():
+            ctx.model(x.to(ctx.device))
+    float_s = time.perf_counter() - t
+    return rows, {"sensitivity_s": sens_s, "float_pass_calib_s": float_s,
+                  "sensitivity_over_float_pass": sens_s / max(float_s, 1e-9)}

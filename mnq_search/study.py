@@ -8,7 +8,7 @@
     strategies = ["float", "uniform:ibert", "uniform:fqvit", "uniform:ivit",
                   "sqnr_output", "sqnr_diff", "sqnr_gain", "sqnr_diff_abs"]
     qat_epochs = [0, 1, 3]               # 0 = PTQ only
-    [run]                                # RunConfig fields shared by every cell
+    [run]                                # RunSettings fields shared by every cell
     calib_size = 128
     eval_size = "all"
     [qat]                                # QATConfig fields; train_images = N trains each epoch on N images
@@ -66,7 +66,7 @@ def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a study spec; every error is a one-line UsageError."""
     from strategies import list_strategies
 
-    from .pipeline import RunConfig
+    from .context import RunSettings
     from .qat import QATConfig
     from .quant import check_bits
     from .zoo import list_zoo
@@ -99,7 +99,8 @@ def load_spec(path: str | Path) -> StudySpec:
     for s in raw["strategies"]:
         if s not in valid:
             raise UsageError(f"study spec {path}: unknown strategy {s!r}; choose from: {', '.join(sorted(valid))}")
-    run_fields = {f.name for f in fields(RunConfig)} - {"strategy", "model", "bits", "out", "extra", "qat_epochs"}
+    run_fields = {f.name for f in fields(RunSettings)} - {"strategy", "model", "bits", "out", "qat", "search",
+                                                         "qat_epochs", "sensitivity_cache"}
     qat_fields = {f.name for f in fields(QATConfig)} - {"epochs", "steps", "holdout"} | {"train_images"}
     for table, allowed in (("run", run_fields), ("qat", qat_fields)):
         bad = sorted(set(raw.get(table, {})) - allowed)
@@ -121,7 +122,9 @@ def _cell_id(model: str, bits: int, strategy: str, epochs: int) -> str:
 
 def run_study(spec_path: str | Path, progress: bool = True, device: str | None = None) -> Path:
     """Run every unfinished cell of a spec; returns the tidy CSV path."""
-    from .pipeline import RunConfig, default_device, device_name, run
+    from .context import RunSettings
+    from .pipeline import default_device, device_name, run
+    from .qat import QATConfig
 
     spec = load_spec(spec_path)
     cells_dir = spec.work_dir / "cells"
@@ -141,11 +144,11 @@ def run_study(spec_path: str | Path, progress: bool = True, device: str | None =
             train_images = qat.pop("train_images", None)
             if train_images is not None:
                 qat["holdout"] = FMNIST_TRAIN - int(train_images)
-            cfg = RunConfig(strategy=strategy, model=model, bits=bits, out=str(spec.work_dir / "runs" / cid),
-                            qat_epochs=epochs, device=device, progress=False,
-                            extra={"qat": qat, "sensitivity_cache": str(spec.work_dir / f"sensitivity-{model}-{bits}bit.csv")},
-                            **run_kw)
-            res = run(cfg)
+            settings = RunSettings(strategy=strategy, model=model, bits=bits, out=str(spec.work_dir / "runs" / cid),
+                                   qat_epochs=epochs, device=device, progress=False, qat=QATConfig(**qat),
+                                   sensitivity_cache=str(spec.work_dir / f"sensitivity-{model}-{bits}bit.csv"),
+                                   **run_kw)
+            res = run(settings)
             row = {"top1": res["top1_quant"], "top5": res.get("top5_qat", res["top5_quant"])}
         row.update(model=model, bits=bits, strategy=strategy, qat_epochs=epochs,
                    seconds=round(time.perf_counter() - t0, 1), device=device_name(device or default_device()),

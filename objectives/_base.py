@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-import copy
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from mnq_search.context import RunContext
     from mnq_search.convert import QuantModel
 
 DIRECTIONS = ("minimize", "maximize")
@@ -41,10 +41,10 @@ class Objective(ABC):
     """A score of a whole assignment: the model with those methods in its slots, as a whole.
 
     Subclasses set ``direction``, ``metric`` (the study's name for the value) and ``description``,
-    and implement :meth:`evaluate`. The context ``ctx`` is the strategy's
-    :class:`~strategies.SearchContext`: ``ctx.slot_ops``, ``ctx.seed``, ``ctx.bits`` and in
-    ``ctx.extra`` the float timm ``model``, the converted, uncalibrated ``qmodel``, the ``data``
-    source, the ``device`` and the run's ``config`` (:class:`~mnq_search.pipeline.RunConfig`).
+    and implement :meth:`evaluate`. The context ``ctx`` is the run's
+    :class:`~mnq_search.context.RunContext`: its settings, search space, slots, seed and bits, the
+    float timm ``model``, the converted, uncalibrated ``qmodel``, the ``data`` source and the
+    ``device``.
 
     Hooks: :meth:`from_options` builds the objective from the search options (before any model is
     loaded, so a bad option fails first); :meth:`setup` runs once before the first trial.
@@ -66,11 +66,11 @@ class Objective(ABC):
         """Build from a :class:`~mnq_search.search.SearchOptions` (default: no arguments)."""
         return cls()
 
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: RunContext) -> None:
         """Optional hook, run once before the first trial (e.g. the float model's logits)."""
 
     @abstractmethod
-    def evaluate(self, assignment: Mapping[str, str], ctx: Any, trial: Any = None) -> float:
+    def evaluate(self, assignment: Mapping[str, str], ctx: RunContext, trial: Any = None) -> float:
         """The value of ``assignment`` (a method for every slot). ``trial`` is the Optuna trial, for
         objectives that report intermediate values to a pruner (None outside a study)."""
 
@@ -84,15 +84,7 @@ class Objective(ABC):
         return a < b if self.direction == "minimize" else a > b
 
     @staticmethod
-    def calibrated(assignment: Mapping[str, str], ctx: Any) -> "QuantModel":
-        """A calibrated copy of ``ctx.extra["qmodel"]`` with ``assignment``, on the run's calibration
-        images (the same images, batches and seed as the pipeline's final calibration)."""
-        from mnq_search.calibrate import calibrate
-
-        cfg = ctx.extra["config"]
-        model = copy.deepcopy(ctx.extra["qmodel"])
-        model.set_quant(True)
-        model.set_assignment(assignment)
-        calibrate(model, ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size),
-                  ctx.extra["device"])
-        return model
+    def calibrated(assignment: Mapping[str, str], ctx: RunContext) -> "QuantModel":
+        """A calibrated copy of the run's converted model with ``assignment``, on the run's
+        calibration images (the same images and batches as the pipeline's final calibration)."""
+        return ctx.calibrated(dict(assignment))

@@ -161,9 +161,7 @@ class CostObjective(Objective):
         return cls(getattr(options, "cost_table", None))
 
     def setup(self, ctx) -> None:
-        cfg = ctx.extra["config"]
-        self.geometry = slot_geometry(ctx.extra["qmodel"], ctx.extra["data"].calib_batches(1, 1),
-                                      ctx.extra["device"])
+        self.geometry = slot_geometry(ctx.qmodel, ctx.calib_batches(1, 1), ctx.device)
 
     def evaluate(self, assignment, ctx=None, trial=None, slot_ops: Mapping[str, str] | None = None) -> float:
         slot_ops = slot_ops if slot_ops is not None else ctx.slot_ops

@@ -26,11 +26,8 @@ SQNR_CAP_DB = 300.0  # identical logits: a finite value the samplers can rank
 
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, ctx: Any) -> list[torch.Tensor]:
-    cfg = ctx.extra["config"]
-    device = ctx.extra["device"]
     model.eval()
-    return [model(x.to(device)).double().cpu()
-            for x, _ in ctx.extra["data"].calib_batches(cfg.calib_size, cfg.batch_size)]
+    return [model(x.to(ctx.device)).double().cpu() for x, _ in ctx.calib_batches()]
 
 
 class _LogitsObjective(Objective):
@@ -40,7 +37,7 @@ class _LogitsObjective(Objective):
         self._ref: list[torch.Tensor] | None = None
 
     def setup(self, ctx: Any) -> None:
-        self._ref = _logits(ctx.extra["model"], ctx)
+        self._ref = _logits(ctx.model, ctx)
 
     def evaluate(self, assignment: Mapping[str, str], ctx: Any, trial: Any = None) -> float:
         if self._ref is None:

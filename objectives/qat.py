@@ -2,7 +2,7 @@
 (never the test split).
 
 A trial calibrates a copy of the model with the assignment, trains it for ``steps`` optimizer steps
-(:func:`mnq_search.qat.train_qat`, the run's QAT settings from ``RunConfig.extra["qat"]`` otherwise)
+(:func:`mnq_search.qat.train_qat`, the run's QAT settings ``RunSettings.qat`` otherwise)
 on the training split minus the validation split, and returns the top-1 (percent) on ``holdout``
 images of the validation split: the same images whatever the seed (``DataSource.validation_batches``).
 Every evaluation during training is reported to the trial (``trial.report(top1, step)``), so a
@@ -54,23 +54,19 @@ class QATObjective(Objective):
         return cls(options.qat_steps, options.qat_holdout, options.qat_eval_every)
 
     def qat_config(self, ctx: Any):
-        from mnq_search.qat import QATConfig
-
-        settings = {k: v for k, v in ctx.extra.get("qat", {}).items() if k != "epochs"}
-        settings.update(steps=self.steps, holdout=None, seed=ctx.seed)  # trains without the validation split
+        """The run's QAT settings for a round of ``steps`` steps (never on the validation split)."""
+        changes = dict(steps=self.steps, holdout=None, seed=ctx.seed)
         if self.eval_every is not None:
-            settings["eval_every_steps"] = self.eval_every
-        return QATConfig(**settings)
+            changes["eval_every_steps"] = self.eval_every
+        return ctx.qat_config(**changes)
 
     def evaluate(self, assignment: Mapping[str, str], ctx: Any, trial: Any = None) -> float:
         from mnq_search.qat import make_eval_fn, train_qat
 
-        cfg = ctx.extra["config"]
-        device = ctx.extra["device"]
-        data = ctx.extra["data"]
+        device, data = ctx.device, ctx.data
         qcfg = self.qat_config(ctx)
         model = self.calibrated(assignment, ctx)
-        eval_fn = make_eval_fn(data, self.holdout, cfg.batch_size, device, validation=True)
+        eval_fn = make_eval_fn(data, self.holdout, ctx.settings.batch_size, device, validation=True)
         seen: dict[int, float] = {}
 
         def on_eval(step: int, top1: float) -> None:
@@ -86,7 +82,7 @@ class QATObjective(Objective):
             else:  # Optuna has no report() for several objectives: keep the curve as an attribute
                 trial.set_user_attr("intermediate", {str(k): v for k, v in seen.items()})
 
-        train_qat(model, data, qcfg, device, None, teacher=ctx.extra["model"] if qcfg.distill else None,
+        train_qat(model, data, qcfg, device, None, teacher=ctx.model if qcfg.distill else None,
                   eval_fn=eval_fn, on_eval=on_eval, progress=False)
         if eval_fn.last is None:
             raise UsageError("the QAT round ended without an evaluation")

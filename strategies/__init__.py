@@ -5,7 +5,7 @@
 ['uniform:ibert', 'uniform:fqvit', 'uniform:ivit']
 """
 
-from ._base import SearchContext as SearchContext
+from ._base import StrategyResult as StrategyResult
 from ._base import Strategy as Strategy
 from ._registry import get_strategy as get_strategy
 from ._registry import list_strategies as list_strategies
@@ -16,4 +16,4 @@ from . import greedy as greedy  # noqa: E402
 from . import random as random  # noqa: E402
 from . import optuna_joint as optuna_joint  # noqa: E402
 
-__all__ = ["SearchContext", "Strategy", "get_strategy", "list_strategies", "register_strategy"]
+__all__ = ["Strategy", "StrategyResult", "get_strategy", "list_strategies", "register_strategy"]

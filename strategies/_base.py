@@ -1,24 +1,30 @@
-"""What a strategy is: something that picks a method for every slot.
+"""What a strategy is: something that chooses a value for every variable of the search space.
 
-A strategy receives a :class:`SearchContext` (the model's slots and their ops, the seed, and,
-for strategies that ask for it with ``needs_sensitivity``, the sensitivity table) and returns an
-assignment ``slot -> method``. Optional hooks run before and after the search.
+A strategy receives the run's :class:`~mnq_search.context.RunContext` (the settings, the search
+space, the model's slots and their ops, the seed, the models and data, and, for strategies that ask
+for it with ``needs_sensitivity``, the sensitivity table) and returns a :class:`StrategyResult`,
+which the pipeline writes. Most strategies implement :meth:`Strategy.select` only; optional hooks
+run before and after it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from mnq_search.context import RunContext
 
 
 @dataclass
-class SearchContext:
-    slot_ops: dict[str, str]
-    seed: int = 0
-    bits: int = 8
-    sensitivity: list[dict] | None = None  # rows: slot, op, method, asqnr_in, asqnr_out, sqnr_diff
-    extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific inputs (e.g. evaluators)
+class StrategyResult:
+    """The assignment and what a search adds to the run's files: ``search`` is written to
+    ``search.json`` and folded into ``result.json``, ``pareto`` to ``pareto.json``."""
+
+    assignment: dict[str, str]
+    search: dict[str, Any] | None = None
+    pareto: dict[str, Any] | None = None
 
 
 class Strategy(ABC):
@@ -45,12 +51,23 @@ class Strategy(ABC):
     def full_name(self) -> str:
         return f"{self.name}:{self.arg}" if self.arg else self.name
 
-    def before_search(self, ctx: SearchContext) -> None:
+    def before_search(self, ctx: RunContext) -> None:
         """Optional hook, run before :meth:`select`."""
 
     @abstractmethod
-    def select(self, ctx: SearchContext) -> dict[str, str]:
+    def select(self, ctx: RunContext) -> dict[str, str]:
         """Return a method for every slot in ``ctx.slot_ops``."""
 
-    def after_search(self, ctx: SearchContext, assignment: dict[str, str]) -> None:
+    def after_search(self, ctx: RunContext, assignment: dict[str, str]) -> None:
         """Optional hook, run after :meth:`select`."""
+
+    def result(self, ctx: RunContext, assignment: dict[str, str]) -> StrategyResult:
+        """What :meth:`run` returns (override to add a search summary or a Pareto front)."""
+        return StrategyResult(assignment)
+
+    def run(self, ctx: RunContext) -> StrategyResult:
+        """The hooks and :meth:`select`, as the pipeline calls them."""
+        self.before_search(ctx)
+        assignment = self.select(ctx)
+        self.after_search(ctx, assignment)
+        return self.result(ctx, assignment)

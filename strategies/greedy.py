@@ -4,10 +4,11 @@ best score in the sensitivity table; ties go to the earlier method (ibert, fqvit
 from __future__ import annotations
 
 from mnq_search.errors import UsageError
-from mnq_search.slot import methods_for
 from objectives import LayerScore, get_objective
 
-from ._base import SearchContext, Strategy
+from mnq_search.context import RunContext
+
+from ._base import Strategy
 from ._registry import register_strategy
 
 
@@ -15,15 +16,16 @@ class GreedyStrategy(Strategy):
     score_name: str = ""
     needs_sensitivity = True
 
-    def select(self, ctx: SearchContext) -> dict[str, str]:
+    def select(self, ctx: RunContext) -> dict[str, str]:
         if not ctx.sensitivity:
             raise UsageError(f"strategy {self.name} needs the sensitivity table")
         score: LayerScore = get_objective(self.score_name, LayerScore)()
         rows = {(r["slot"], r["method"]): r for r in ctx.sensitivity}
         out = {}
-        for slot, op in ctx.slot_ops.items():
+        for var in ctx.search_space.variables("method"):
+            slot = var.name
             best, best_score = None, None
-            for method in methods_for(op):
+            for method in var.choices:
                 row = rows.get((slot, method))
                 if row is None:
                     continue

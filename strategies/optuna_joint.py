@@ -28,18 +28,17 @@ from __future__ import annotations
 import math
 import secrets
 import sys
-from pathlib import Path
 from typing import Any
 
 from mnq_search.errors import UsageError
-from mnq_search.io import atomic_write_json
 from mnq_search.plan import counts
 from mnq_search.search import SearchOptions, make_pruner, make_sampler
 from mnq_search.search import (StudySpec, claim_budget, default_storage_url, mask_url, open_storage,
                                      open_study, parse_storage, run_worker, tally)
-from mnq_search.slot import methods_for
 
-from ._base import SearchContext, Strategy
+from mnq_search.context import RunContext
+
+from ._base import Strategy, StrategyResult
 from ._registry import get_strategy, list_strategies, register_strategy
 
 
@@ -51,7 +50,7 @@ def default_warm_starts() -> list[str]:
     return [n for n in list_strategies() if isinstance(get_strategy(n), (UniformStrategy, GreedyStrategy))]
 
 
-def warm_starts(ctx: SearchContext, names: list[str] | tuple[str, ...] | None) -> list[tuple[dict, list[str]]]:
+def warm_starts(ctx: RunContext, names: list[str] | tuple[str, ...] | None) -> list[tuple[dict, list[str]]]:
     """The assignments of the strategies ``names`` (None: :func:`default_warm_starts`), identical
     ones merged: a list of (assignment, strategy names)."""
     out: dict[tuple[str, ...], tuple[dict, list[str]]] = {}
@@ -65,13 +64,13 @@ def warm_starts(ctx: SearchContext, names: list[str] | tuple[str, ...] | None) -
 class _TrialFunction:
     """The study's objective: claim a place in the budget, suggest one method per slot, evaluate."""
 
-    def __init__(self, ctx: SearchContext, objectives: list, n_trials: int):
+    def __init__(self, ctx: RunContext, objectives: list, n_trials: int):
         self.ctx, self.objectives, self.n_trials = ctx, objectives, n_trials
 
     def __call__(self, trial) -> float | list[float]:
         claim_budget(trial, self.n_trials)
-        assignment = {slot: trial.suggest_categorical(slot, list(methods_for(op)))
-                      for slot, op in self.ctx.slot_ops.items()}
+        assignment = {var.name: trial.suggest_categorical(var.name, list(var.choices))
+                      for var in self.ctx.search_space}
         same = self._same_as(trial, assignment)
         if same is not None:
             trial.set_user_attr("same_as", same.number)
@@ -112,9 +111,10 @@ def _sort_key(values, objectives) -> tuple[float, ...]:
 
 @register_strategy("optuna")
 class OptunaStrategy(Strategy):
-    """Optuna study over all slots jointly; options from ``ctx.extra["optuna"]`` (the CLI's search
-    group, :class:`~mnq_search.search.SearchOptions`). Returns the best assignment: of a
-    two-objective study, the Pareto point best in the first objective (ties: the second)."""
+    """Optuna study over every variable of the search space jointly; options from the run's
+    settings (``settings.search``, :class:`~mnq_search.search.SearchOptions`). Returns the best
+    assignment: of a two-objective study, the Pareto point best in the first objective (ties: the
+    second)."""
 
     description = "joint search over all slots with an Optuna study (--objective proxy|qat|cost, warm-started)"
     needs_sensitivity = True  # the greedy warm starts
@@ -124,22 +124,22 @@ class OptunaStrategy(Strategy):
         self.info: dict[str, Any] = {}
         self.front: list[dict[str, Any]] = []
 
-    def select(self, ctx: SearchContext) -> dict[str, str]:
+    def select(self, ctx: RunContext) -> dict[str, str]:
         import optuna
 
-        cfg = ctx.extra.get("config")
-        opts = SearchOptions.from_dict(ctx.extra.get("optuna")).validate()
+        st = ctx.settings
+        opts = (st.search or SearchOptions()).validate()
         objectives = opts.build_objectives()
         metrics = [o.metric for o in objectives]
-        url = opts.storage or default_storage_url(cfg.out if cfg is not None else ".")
+        url = opts.storage or default_storage_url(st.out)
         kind, _ = parse_storage(url)
         heartbeat = opts.heartbeat if kind == "rdb" else None
         spec = StudySpec(
             name=opts.study or f"{'+'.join(opts.objectives)}-{ctx.bits}bit",
             directions=[o.direction for o in objectives], metric_names=metrics,
             meta={"objectives": list(opts.objectives), "bits": ctx.bits,
-                  "fine_grid": bool(getattr(cfg, "fine_grid", False)), "slot_ops": dict(ctx.slot_ops),
-                  "model": getattr(cfg, "model", None), "sampler": opts.sampler, "seed": ctx.seed},
+                  "fine_grid": bool(st.fine_grid), "slot_ops": dict(ctx.slot_ops),
+                  "model": st.model, "sampler": opts.sampler, "seed": ctx.seed},
             warm_starts=[(a, {"warm_start": "+".join(names)})
                          for a, names in warm_starts(ctx, opts.warm_start)[: opts.n_trials]])
         joiner_seed = secrets.randbelow(2**31)  # workers that join draw other points than the creator
@@ -152,7 +152,7 @@ class OptunaStrategy(Strategy):
                                         make_pruner(opts.pruner) if len(objectives) == 1 else None)
             for obj in objectives:
                 obj.setup(ctx)
-            callbacks = [_progress(metrics)] if getattr(cfg, "progress", False) else []
+            callbacks = [_progress(metrics)] if st.progress else []
             run_worker(study, _TrialFunction(ctx, objectives, opts.n_trials), opts.n_trials, opts.timeout,
                        opts.n_jobs, callbacks, storage=storage, heartbeat=heartbeat, grace=opts.grace,
                        poll_s=min(5.0, float(opts.heartbeat)))
@@ -186,15 +186,11 @@ class OptunaStrategy(Strategy):
         }
         return assignment
 
-    def after_search(self, ctx: SearchContext, assignment: dict[str, str]) -> None:
-        """Write ``pareto.json`` (two objectives) and ``search.json`` into the run folder, and leave
-        the study's summary in ``RunConfig.extra["search"]``."""
-        cfg = ctx.extra.get("config")
-        if cfg is None:
-            return
-        out = Path(cfg.out)
+    def result(self, ctx: RunContext, assignment: dict[str, str]) -> StrategyResult:
+        """The assignment, the study's summary (``search.json``) and, for two objectives, the
+        Pareto front (``pareto.json``)."""
+        pareto = None
         if len(self.info.get("objectives", ())) > 1:
-            atomic_write_json(out / "pareto.json", {"study": self.info["study"], "metrics": self.info["metrics"],
-                                                    "directions": self.info["directions"], "front": self.front})
-        atomic_write_json(out / "search.json", self.info)
-        cfg.extra["search"] = self.info
+            pareto = {"study": self.info["study"], "metrics": self.info["metrics"],
+                      "directions": self.info["directions"], "front": self.front}
+        return StrategyResult(assignment, search=self.info, pareto=pareto)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 
-from mnq_search.slot import methods_for
+from mnq_search.context import RunContext
 
-from ._base import SearchContext, Strategy
+from ._base import Strategy
 from ._registry import register_strategy
 
 
@@ -16,6 +16,5 @@ class RandomStrategy(Strategy):
 
     description = "a uniformly random method per slot (seeded)"
 
-    def select(self, ctx: SearchContext) -> dict[str, str]:
-        rng = random.Random(ctx.seed)
-        return {slot: rng.choice(methods_for(op)) for slot, op in ctx.slot_ops.items()}
+    def select(self, ctx: RunContext) -> dict[str, str]:
+        return ctx.search_space.random(random.Random(ctx.seed))

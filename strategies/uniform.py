@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from mnq_search.methods import list_families, uniform_assignment
 
-from ._base import SearchContext, Strategy
+from mnq_search.context import RunContext
+
+from ._base import Strategy
 from ._registry import register_strategy
 
 
@@ -20,5 +22,5 @@ class UniformStrategy(Strategy):
     def choices(cls) -> tuple[str, ...]:
         return list_families()
 
-    def select(self, ctx: SearchContext) -> dict[str, str]:
+    def select(self, ctx: RunContext) -> dict[str, str]:
         return uniform_assignment(self.arg, ctx.slot_ops)

@@ -113,10 +113,16 @@ def test_imagefolder_and_timm_checkpoint(tmp_path, capsys):
             d.mkdir(parents=True)
             for i in range(2):
                 Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(d / f"{i}.png")
-    # the timm model has 1000 classes by default: a 3-class checkpoint does not fit it
-    code, _, err = run_cli(["run", "--model", "deit_tiny_patch16_224", "--checkpoint", ckpt, "--data",
+    # a fine-tuned checkpoint keeps its own head (3 classes here; timm's default is 1000) ...
+    code, _, err = run_cli(["run", "--strategy", "uniform:ibert", "--model", "deit_tiny_patch16_224", "--checkpoint",
+                            ckpt, "--data", f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "o3", *FAST], capsys)
+    assert code == 0, err
+    # ... but a tensor other than the head that does not fit is a one-line error naming it
+    wrong = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=3, mlp_ratio=2)
+    torch.save(wrong.state_dict(), tmp_path / "wrong.pth")
+    code, _, err = run_cli(["run", "--model", "deit_tiny_patch16_224", "--checkpoint", tmp_path / "wrong.pth", "--data",
                             f"imagefolder:{tmp_path / 'imgs'}", "--out", tmp_path / "o", *FAST], capsys)
-    assert code == 2 and "does not fit the model" in err
+    assert code == 2 and "shape of blocks.0.mlp.fc1.weight" in err and err.count("\n") == 1
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     torch.save(model.state_dict(), ckpt)
     code, stdout, err = run_cli(["run", "--strategy", "uniform:ibert", "--model", "deit_tiny_patch16_224",
@@ -191,3 +197,36 @@ def test_list_commands(capsys):
     out = run_cli(["list", "methods"], capsys)[1]
     assert "gelu       ibert, ivit" in out
     assert "fmnist-deit-tiny" in run_cli(["list", "models"], capsys)[1]
+
+
+def _image_folder(root, classes: int, size: int = 40, per_class: int = 1):
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray((torch.rand(size, size, 3) * 255).byte().numpy()).save(d / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("name, classes, head", [("swin_tiny_patch4_window7_224", 10, "head.fc.weight"),
+                                                  ("vit_tiny_patch16_224", 7, "head.weight")])
+def test_a_fine_tuned_checkpoint_brings_its_own_head(tmp_path, capsys, name, classes, head):
+    """A user's fine-tuned timm checkpoint loads with its number of classes (from its classifier,
+    ViT/DeiT ``head`` or Swin ``head.fc``) and evaluates on an ImageFolder with those classes."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=classes)
+    assert model.state_dict()[head].shape[0] == classes
+    ckpt = tmp_path / "finetuned.safetensors"
+    save_weights(model, ckpt)
+    folder = _image_folder(tmp_path / "imgs", classes)
+    code, _, err = run_cli(["run", "--strategy", "uniform:ivit", "--model", name, "--checkpoint", ckpt,
+                            "--data", f"imagefolder:{folder}", "--out", tmp_path / "o", "--calib-size", "2",
+                            "--eval-size", str(classes), "--batch-size", "2", "--quiet"], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert result["eval_images"] == classes and 0 <= result["top1_quant"] <= 100
+    # --num-classes names it explicitly; a number that does not match the file is an error
+    code, _, err = run_cli(["run", "--model", name, "--checkpoint", ckpt, "--num-classes", str(classes + 1),
+                            "--data", f"imagefolder:{folder}", "--out", tmp_path / "o2", *FAST], capsys)
+    assert code == 2 and f"shape of {head}" in err

@@ -2,7 +2,7 @@
 seed, a non-dominated Pareto front, the cost table and its overrides, the short-QAT objective on
 held-out training images, samplers, and option errors (one line, exit 2, before any model loads).
 
-The strategy runs on a SearchContext built once (the embedded model's structure, random weights,
+The strategy runs on a RunContext built once (the embedded model's structure, random weights,
 two calibration images, a synthetic sensitivity table), as the pipeline builds it.
 """
 
@@ -17,7 +17,9 @@ import pytest
 from mnq_search.cli import main
 from mnq_search.convert import convert_model
 from mnq_search.errors import UsageError
-from mnq_search.pipeline import RunConfig, prepare, read_sensitivity_csv
+from mnq_search.context import RunContext, RunSettings
+from mnq_search.pipeline import prepare, read_sensitivity_csv
+from mnq_search.qat import QATConfig
 from mnq_search.search import SearchOptions, list_samplers, make_sampler
 from mnq_search.search import open_storage
 from mnq_search.methods import uniform_assignment
@@ -25,7 +27,7 @@ from mnq_search.slot import methods_for
 from objectives import Objective, get_objective, list_objectives
 from objectives.cost import CostObjective, load_cost_table, method_cost
 from objectives.qat import QATObjective
-from strategies import SearchContext, get_strategy, list_strategies
+from strategies import get_strategy, list_strategies
 from strategies.optuna_joint import default_warm_starts
 from tests.search_fixtures import make_checkpoint, make_sensitivity, one_torch_thread  # noqa: F401 (autouse)
 from tests.conftest import needs_full_fmnist
@@ -42,21 +44,22 @@ def base(tmp_path_factory):
     return model, qmodel, data, read_sensitivity_csv(make_sensitivity(d / "sensitivity.csv")), ckpt
 
 
-def make_ctx(base, out, **options) -> SearchContext:
+def make_ctx(base, out, qat=None, **options) -> RunContext:
     model, qmodel, data, rows, _ = base
-    cfg = RunConfig(strategy="optuna", calib_size=2, eval_size=2, batch_size=2, out=str(out), progress=False)
-    return SearchContext(slot_ops=qmodel.slot_ops(), seed=0, bits=8, sensitivity=rows,
-                         extra={"optuna": options, "model": model, "qmodel": qmodel, "data": data,
-                                "device": "cpu", "config": cfg})
+    settings = RunSettings(strategy="optuna", calib_size=2, eval_size=2, batch_size=2, out=str(out), progress=False,
+                           search=SearchOptions.from_dict(options), qat=qat)
+    return RunContext(settings=settings, slot_ops=qmodel.slot_ops(), model=model, qmodel=qmodel, data=data,
+                      device="cpu", sensitivity=rows)
 
 
 def search(base, out, **options):
-    """select + after_search, as the pipeline calls them; returns (assignment, study)."""
+    """The strategy as the pipeline runs it; returns (assignment, study, search summary)."""
     strategy = get_strategy("optuna")
     ctx = make_ctx(base, out, **options)
-    assignment = strategy.select(ctx)
-    strategy.after_search(ctx, assignment)
-    info = json.loads((out / "search.json").read_text())
+    outcome = strategy.run(ctx)
+    assignment, info = outcome.assignment, json.loads(json.dumps(outcome.search))  # as search.json holds it
+    if outcome.pareto is not None:  # and to pareto.json
+        (out / "pareto.json").write_text(json.dumps(outcome.pareto))
     url = options.get("storage") or f"sqlite:///{(out / 'study.db').resolve()}"
     return assignment, optuna.load_study(study_name=info["study"], storage=open_storage(url)), info
 
@@ -210,8 +213,7 @@ class _FakeTrial:
 @needs_full_fmnist
 def test_qat_objective_uses_held_out_training_images_and_reports(base, tmp_path, monkeypatch):
     _, qmodel, data, _, _ = base
-    ctx = make_ctx(base, tmp_path)
-    ctx.extra["qat"] = {"batch_size": 4, "lr": 1e-4}
+    ctx = make_ctx(base, tmp_path, qat=QATConfig(batch_size=4, lr=1e-4))
 
     def no_test_split(*args, **kwargs):
         raise AssertionError("the qat objective touched the test split")

@@ -1,0 +1,178 @@
+"""The typed run: what a run is asked to do (:class:`RunSettings`, validated once where the values
+enter: the CLI or a study spec) and what it works on (:class:`RunContext`, built once by the pipeline
+and handed to strategies and objectives).
+
+Nothing here imports torch at module level, so the CLI can build and check settings (and answer a
+bad flag) before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError
+from .runtime import EVAL_BATCH
+
+if TYPE_CHECKING:
+    import torch
+
+    from .convert import QuantModel
+    from .data import DataSource
+    from .models import ModelInfo
+    from .qat import QATConfig
+    from .search import SearchOptions
+    from .space import SearchSpace
+
+ASQNR_FORMS = ("amplitude", "eq10")
+
+
+@dataclass
+class RunSettings:
+    """Everything ``mnq-search run`` is asked to do (the CLI's flags, or one cell of a study).
+
+    ``qat`` holds the QAT settings of ``--qat-epochs`` and of the ``qat`` objective (None: the
+    defaults of :class:`mnq_search.qat.QATConfig`); ``search`` the joint-search options (only with
+    ``--strategy optuna``). :meth:`validate` checks every value once; the layers below trust them.
+    """
+
+    strategy: str = "sqnr_diff"
+    model: str | None = None
+    checkpoint: str | None = None
+    num_classes: int | None = None  # None: the checkpoint's classifier decides
+    data: str | None = None
+    download: bool = False
+    bits: int = 8
+    fine_grid: bool = False
+    calib_size: int = 128
+    eval_size: int | None = 2000  # None: the whole evaluation split
+    batch_size: int = EVAL_BATCH
+    sens_batch_size: int = 32
+    asqnr_form: str = "amplitude"
+    sensitivity: bool = False  # measure the sensitivity table even when the strategy does not need it
+    sensitivity_cache: str | None = None  # read if it exists, else measure and write (studies share one)
+    qat_epochs: int = 0  # > 0: QAT after the assignment is chosen
+    qat: QATConfig | None = None
+    search: SearchOptions | None = None
+    seed: int = 0
+    device: str | None = None
+    out: str = "runs/default"
+    progress: bool = True
+
+    def validate(self) -> "RunSettings":
+        """Raise a one-line UsageError for the first bad value; returns self."""
+        from strategies import get_strategy
+
+        from .integer import check_bits
+
+        get_strategy(self.strategy)
+        try:
+            check_bits(self.bits)
+        except ValueError as exc:
+            raise UsageError(f"--bits: {exc}") from None
+        for flag, value, low in (("--calib-size", self.calib_size, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--sens-batch-size", self.sens_batch_size, 1), ("--qat-epochs", self.qat_epochs, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UsageError(f"{flag} must be an integer >= {low}, got {value!r}")
+        if self.eval_size is not None and (not isinstance(self.eval_size, int) or self.eval_size <= 0):
+            raise UsageError(f"--eval-size must be positive or 'all', got {self.eval_size!r}")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
+            raise UsageError(f"--num-classes must be a positive integer, got {self.num_classes!r}")
+        if self.asqnr_form not in ASQNR_FORMS:
+            raise UsageError(f"unknown ASQNR form {self.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
+        is_optuna = self.strategy.partition(":")[0] == "optuna"
+        if self.search is not None and not is_optuna:
+            raise UsageError("search options (--objective, --n-trials, ...) apply only to --strategy optuna")
+        if is_optuna:
+            from .search import SearchOptions
+
+            self.search = (self.search or SearchOptions()).validate()
+        if self.qat is not None:
+            self.qat.validate()
+        return self
+
+    def replace(self, **changes: Any) -> "RunSettings":
+        return dataclasses.replace(self, **changes)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as plain JSON values (result.json's ``config``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        return out
+
+
+@dataclass
+class RunContext:
+    """What strategies and objectives work on: the settings, the model's slots and, once the
+    pipeline has loaded them, the float model, the converted (uncalibrated) model, the data, the
+    device, the search space and the sensitivity table (when the strategy asked for it).
+
+    Strategies that need only the slots (``uniform``, ``random``, the greedy rules given a table)
+    accept a context with ``slot_ops`` and ``sensitivity`` alone.
+    """
+
+    settings: RunSettings
+    slot_ops: dict[str, str]
+    model: torch.nn.Module | None = None
+    qmodel: QuantModel | None = None
+    data: DataSource | None = None
+    device: str = "cpu"
+    info: ModelInfo | None = None
+    sensitivity: list[dict] | None = None
+    space: SearchSpace | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # timings and the like, for result.json
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    @property
+    def bits(self) -> int:
+        return self.settings.bits
+
+    @property
+    def search_space(self) -> SearchSpace:
+        """The run's search space (method variables of ``slot_ops`` when none was built)."""
+        if self.space is None:
+            from .space import SearchSpace
+
+            self.space = SearchSpace.of_slots(self.slot_ops)
+        return self.space
+
+    def _need(self, what: str) -> None:
+        if getattr(self, what) is None:
+            raise UsageError(f"this strategy or objective needs the run's {what}, which this context lacks")
+
+    def calib_batches(self, n: int | None = None, batch_size: int | None = None):
+        """The run's calibration images (the same for the final model and every trial)."""
+        self._need("data")
+        return self.data.calib_batches(n or self.settings.calib_size, batch_size or self.settings.batch_size)
+
+    def validation_batches(self, n: int, batch_size: int | None = None):
+        """``n`` images of the validation split (never trained on, never the test split)."""
+        self._need("data")
+        return self.data.validation_batches(n, batch_size or self.settings.batch_size)
+
+    def calibrated(self, assignment: dict[str, str]) -> QuantModel:
+        """A calibrated copy of the converted model with ``assignment``, on the run's calibration
+        images (as the pipeline calibrates the final model)."""
+        import copy
+
+        from .calibrate import calibrate
+
+        self._need("qmodel")
+        model = copy.deepcopy(self.qmodel)
+        model.set_quant(True)
+        model.set_assignment(assignment)
+        calibrate(model, self.calib_batches(), self.device)
+        return model
+
+    def qat_config(self, **changes: Any) -> QATConfig:
+        """The run's QAT settings (defaults where none were given) with ``changes``."""
+        from .qat import QATConfig
+
+        base = self.settings.qat or QATConfig()
+        return dataclasses.replace(base, **{"seed": self.seed, **changes})

@@ -1,0 +1,85 @@
+"""Checks that run before any model is built or evaluated: every output folder, storage, file and
+option a command names, each a one-line UsageError (exit code 2) with nothing written.
+
+This module imports neither torch nor the model code: the CLI runs these checks first, before the
+heavy imports (:func:`check_output_dir`, :func:`check_storage`, :func:`check_input_file`); the
+pipeline then opens the model, the checkpoint and the data (each a one-line error when it cannot),
+and checks the assignment file against the model's slots, all before the first forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> None:
+    """``path`` can be created (or is already a folder) and written into, without creating anything:
+    no part of it is an existing file, and the deepest existing folder is writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path} exists and is not a folder")
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, so the folder cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: no permission to write in {probe}")
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """A file that will be written: its folder passes :func:`check_output_dir`, it is not a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a folder, not a file")
+    check_output_dir(p.parent if str(p.parent) else ".", flag)
+
+
+def check_input_file(path: str | Path, flag: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag} {path} not found")
+    if not p.is_file():
+        raise UsageError(f"{flag} {path} is not a file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{flag} {path} cannot be read")
+
+
+def check_storage(url: str, connect_timeout_s: int = 3) -> None:
+    """The storage URL parses; for a database its driver imports and a server answers within
+    ``connect_timeout_s``; for SQLite and journal files the file's folder can be written. Nothing is
+    created."""
+    from .search import mask_url, parse_storage
+
+    kind, where = parse_storage(url)
+    if kind == "journal":
+        check_output_file(where, "--storage journal file")
+        return
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            check_output_file(parsed.database, "--storage SQLite file")
+        return
+    args = {"connect_timeout": connect_timeout_s} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=args)
+    except ImportError as exc:
+        raise UsageError(f"cannot use storage {mask_url(url)}: {exc} (PostgreSQL needs psycopg2-binary: "
+                         "pip install psycopg2-binary)") from None
+    except sqlalchemy.exc.ArgumentError as exc:
+        raise UsageError(f"bad storage URL {mask_url(url)}: {exc}") from None
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:200]
+        raise UsageError(f"cannot connect to storage {mask_url(url)}: {first}") from None
+    finally:
+        engine.dispose()

@@ -1,0 +1,181 @@
+"""The search space: the declared variables a strategy chooses values for.
+
+Each :class:`Variable` has a name (unique in the space), a kind, its choices and its default. A
+kind (:class:`VariableKind`, registered by name) says how values of that kind are applied to a
+converted model and where they go in the assignment file. Today's kind is ``method`` (one per
+non-linear slot: the integer method of the slot, choices from the method registry); bit-widths and
+group counts per layer are further kinds. Strategies, objectives, the Optuna study and the cost
+model read the space instead of op lists.
+
+An assignment is a mapping ``variable name -> value``; for method variables the name is the slot's
+(``blocks.0.attn.softmax``), which keeps today's assignment files as they are.
+
+Example:
+    >>> import timm
+    >>> from mnq_search.convert import convert_model
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
+    >>> space = SearchSpace.from_model(convert_model(vit, 8))
+    >>> space["blocks.0.mlp.act"].choices
+    ('ibert', 'ivit')
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import UsageError, unknown_choice
+
+if TYPE_CHECKING:
+    from .convert import QuantModel
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One search variable.
+
+    Args:
+        name: unique in the space (a method variable takes its slot's name).
+        kind: the :class:`VariableKind` name (``method``).
+        choices: the values it may take, in a stable order.
+        default: the value when an assignment leaves it out (None: it must be given).
+        group: what it belongs to, for strategies that treat variables by group (the slot's op).
+    """
+
+    name: str
+    kind: str
+    choices: tuple[Any, ...]
+    default: Any = None
+    group: str = ""
+
+
+class VariableKind:
+    """How variables of one kind reach a model and the assignment file. Subclass, set ``name``
+    and ``file_key`` and implement :meth:`variables` and :meth:`apply`."""
+
+    name: str = ""
+    file_key: str = ""  # the assignment file's section for this kind's values
+
+    def variables(self, qmodel: QuantModel) -> list[Variable]:
+        raise NotImplementedError
+
+    def apply(self, qmodel: QuantModel, values: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+
+_KINDS: dict[str, VariableKind] = {}
+
+
+def register_kind(kind: VariableKind) -> VariableKind:
+    if kind.name in _KINDS:
+        raise ValueError(f"variable kind {kind.name!r} registered twice")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def list_kinds() -> tuple[str, ...]:
+    return tuple(_KINDS)
+
+
+class _MethodKind(VariableKind):
+    """The integer method of each non-linear slot; choices: the families with a method for the
+    slot's op (:data:`mnq_search.methods.NONLINEAR_METHODS`)."""
+
+    name = "method"
+    file_key = "slots"
+
+    def variables(self, qmodel):
+        from .methods import NONLINEAR_METHODS
+
+        return [Variable(slot, self.name, tuple(NONLINEAR_METHODS[op]), None, op) for slot, op in qmodel.slot_ops().items()]
+
+    def apply(self, qmodel, values):
+        qmodel.set_assignment(dict(values))
+
+
+register_kind(_MethodKind())
+
+
+class SearchSpace:
+    """An ordered collection of variables (see the module docstring)."""
+
+    def __init__(self, variables: list[Variable]):
+        names = [v.name for v in variables]
+        if len(set(names)) != len(names):
+            raise ValueError("variable names must be unique in a search space")
+        self._vars = {v.name: v for v in variables}
+
+    @classmethod
+    def from_model(cls, qmodel: QuantModel, kinds: tuple[str, ...] = ("method",)) -> "SearchSpace":
+        """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot)."""
+        out: list[Variable] = []
+        for k in kinds:
+            if k not in _KINDS:
+                raise unknown_choice("variable kind", k, _KINDS)
+            out += _KINDS[k].variables(qmodel)
+        return cls(out)
+
+    @classmethod
+    def of_slots(cls, slot_ops: Mapping[str, str]) -> "SearchSpace":
+        """Method variables for the slots ``slot_ops`` (no model needed)."""
+        from .methods import NONLINEAR_METHODS
+
+        return cls([Variable(s, "method", tuple(NONLINEAR_METHODS[op]), None, op) for s, op in slot_ops.items()])
+
+    def __iter__(self) -> Iterator[Variable]:
+        return iter(self._vars.values())
+
+    def __len__(self) -> int:
+        return len(self._vars)
+
+    def __getitem__(self, name: str) -> Variable:
+        return self._vars[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._vars
+
+    def variables(self, kind: str | None = None) -> list[Variable]:
+        return [v for v in self._vars.values() if kind is None or v.kind == kind]
+
+    @property
+    def slot_ops(self) -> dict[str, str]:
+        """Slot -> op of the method variables."""
+        return {v.name: v.group for v in self.variables("method")}
+
+    def validate(self, values: Mapping[str, Any], complete: bool = True) -> None:
+        """One-line UsageError for an unknown variable, a value outside its choices, or (``complete``)
+        a variable without a value or default."""
+        for name, value in values.items():
+            if name not in self._vars:
+                raise unknown_choice("search variable", name, list(self._vars)[:50])
+            var = self._vars[name]
+            if value not in var.choices:
+                raise UsageError(f"{value!r} is not a choice of {var.kind} variable {name!r}; "
+                                 f"choose from: {', '.join(map(str, var.choices))}")
+        if complete:
+            missing = [v.name for v in self if v.name not in values and v.default is None]
+            if missing:
+                raise UsageError(f"the assignment leaves {len(missing)} variables without a value (e.g. {missing[0]!r})")
+
+    def complete(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` with every missing variable at its default, in the space's order."""
+        return {v.name: values.get(v.name, v.default) for v in self}
+
+    def apply(self, qmodel: QuantModel, values: Mapping[str, Any]) -> None:
+        """Set every variable's value on ``qmodel``, kind by kind."""
+        for kind in dict.fromkeys(v.kind for v in self):
+            _KINDS[kind].apply(qmodel, {v.name: values[v.name] for v in self.variables(kind) if v.name in values})
+
+    def random(self, rng: _random.Random) -> dict[str, Any]:
+        """One uniformly random choice per variable, drawn in the space's order."""
+        return {v.name: rng.choice(v.choices) for v in self}
+
+    def sections(self, values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """The assignment file's sections (``{"slots": {...}}``) for ``values``."""
+        out: dict[str, dict[str, Any]] = {}
+        for v in self:
+            if v.name in values:
+                out.setdefault(_KINDS[v.kind].file_key, {})[v.name] = values[v.name]
+        return out
