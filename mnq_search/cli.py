@@ -250,18 +250,22 @@ def _search_options(args):
 
 
 def _cmd_run(args) -> int:
-    from .preflight import check_output_dir, check_output_file, check_storage
+    from .preflight import check_input_file, check_output_dir, check_output_file, check_storage
 
-    check_output_dir(args.out)  # before the heavy imports (torch, the model code)
+    # the checks that need no model, before the heavy imports (torch, the model code)
+    check_output_dir(args.out)
+    search = _search_options(args)
     if args.storage:
         check_storage(args.storage)
     if args.sensitivity_cache:
         check_output_file(args.sensitivity_cache, "--sensitivity-cache")
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
     from .pipeline import preflight_run, run
 
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
-                         sensitivity_cache=args.sensitivity_cache, search=_search_options(args))
+                         sensitivity_cache=args.sensitivity_cache, search=search)
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)
@@ -275,6 +279,13 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .preflight import check_input_file, check_output_file
+
+    check_input_file(args.assignment, "--assignment")
+    if args.results_file:
+        check_output_file(args.results_file, "--results-file")
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
     from .pipeline import evaluate_assignment
 
     res = evaluate_assignment(args.assignment, _settings(args), args.results_file,
@@ -424,9 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mnq-search: interrupted", file=sys.stderr)
         return 130
     finally:
-        from . import distributed
-
-        distributed.shutdown()
+        dist = sys.modules.get(f"{__package__}.distributed")  # only if a job started it (torch loaded)
+        if dist is not None:
+            dist.shutdown()
 
 
 if __name__ == "__main__":

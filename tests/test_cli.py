@@ -154,7 +154,7 @@ def _bad_cases(tmp_path, ckpt):
         "bits too high": (["run", "--bits", "9", *c], "4..8"),
         "bits too low": (["run", "--bits", "3", *c], "4..8"),
         "bits not a number": (["run", "--bits", "eight", *c], "invalid int value"),
-        "missing checkpoint": (["run", "--checkpoint", str(tmp_path / "nope.safetensors")], "checkpoint not found"),
+        "missing checkpoint": (["run", "--checkpoint", str(tmp_path / "nope.safetensors")], "nope.safetensors not found"),
         "corrupt checkpoint": (["run", "--checkpoint", str(corrupt)], "corrupt"),
         "corrupt torch checkpoint": (["run", "--checkpoint", str(corrupt_pt)], "corrupt"),
         "timm name without weights": (["run", "--model", "deit_tiny_patch16_224"], "needs local weights"),
@@ -230,3 +230,50 @@ def test_a_fine_tuned_checkpoint_brings_its_own_head(tmp_path, capsys, name, cla
     code, _, err = run_cli(["run", "--model", name, "--checkpoint", ckpt, "--num-classes", str(classes + 1),
                             "--data", f"imagefolder:{folder}", "--out", tmp_path / "o2", *FAST], capsys)
     assert code == 2 and f"shape of {head}" in err
+
+
+def _preflight_cases(tmp_path, ckpt):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00\x01 not a checkpoint")
+    bad_assign = tmp_path / "bad.json"
+    bad_assign.write_text(json.dumps({"slots": {"blocks.0.nrm1": "ivit"}}))
+    c = ["--checkpoint", str(ckpt)]
+    return {
+        "out under a file": (["run", *c, "--out", str(a_file / "sub")], "is a file, so the folder cannot be created"),
+        "out is a file": (["run", *c, "--out", str(a_file)], "exists and is not a folder"),
+        "storage URL does not parse": (["run", "--strategy", "optuna", *c, "--storage", "postgres:/nope"], "storage URL"),
+        "storage driver missing": (["run", "--strategy", "optuna", *c, "--storage", "postgresql+pg8000://u@127.0.0.1:1/db"],
+                                   "cannot use storage"),
+        "storage does not connect": (["run", "--strategy", "optuna", *c,
+                                      "--storage", "postgresql+psycopg2://u@127.0.0.1:1/db"], "cannot connect to storage"),
+        "storage option without optuna": (["run", *c, "--n-trials", "3"], "applies only to --strategy optuna"),
+        "checkpoint does not open": (["run", "--checkpoint", str(corrupt)], "corrupt"),
+        "data spec does not resolve": (["run", *c, "--data", f"imagefolder:{tmp_path / 'nowhere'}"], "not found"),
+        "assignment names an unknown slot": (["eval", "--assignment", str(bad_assign), *c], "unknown slot"),
+        "results file under a file": (["eval", "--assignment", str(bad_assign), *c, "--results-file", str(a_file / "r.csv")],
+                                       "is not a folder"),
+    }
+
+
+def test_bad_inputs_fail_in_seconds_before_any_work(ckpt, tmp_path):
+    """Issue 10: output folders, storages, checkpoints, data and assignment files are checked before
+    any model work: exit 2, one line on stderr, nothing written, within seconds of the start (the
+    goal is 2 s; the bound here is 5 s, in a fresh interpreter, so the test is not flaky)."""
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("psycopg2")
+    for name, (args, needle) in _preflight_cases(tmp_path, ckpt).items():
+        before = sorted(p.name for p in tmp_path.iterdir())
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "mnq_search.cli", *args, "--quiet"], capture_output=True, text=True,
+                              timeout=60)
+        seconds = time.perf_counter() - t
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], (name, proc.stderr)
+        assert seconds < 5.0, (name, seconds)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, name  # nothing written
