@@ -6,7 +6,8 @@ integer products:
 
     qkv (QLinear) -> 8-bit (bits) per-tensor quantizer -> q k^T (scale s_q s_k, the 1/sqrt(d)
     attention scale folded into the scale) [+ Swin's relative position bias] -> softmax slot
-    (its own ``bits`` input quantizer; Swin's shift mask enters as an integer after quantization)
+    (its own input quantizer at the non-linear bit-width ``nl_bits``, default ``bits``; Swin's shift
+    mask enters as an integer after quantization)
     -> attn v on the softmax's output grid -> proj (QLinear).
 
 With quantization off, both classes compute exactly what timm's non-fused path computes.
@@ -30,14 +31,14 @@ def _unsupported(what: str, path: str) -> UsageError:
 class _QuantAttentionBase(nn.Module):
     """What both attentions share: quantized qkv, the two integer matmuls, the softmax slot, proj."""
 
-    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False):
+    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False, nl_bits: int | None = None):
         super().__init__()
         self.num_heads = attn.num_heads
         self.scale = attn.scale
         self.qkv = QLinear(attn.qkv, bits)
         self.q_qkv = ActQuant(bits)
         self.matmul_qk = QuantMatMul()
-        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", bits, fine_grid=fine_grid)
+        self.softmax = NonLinearSlot(f"{path}.softmax", "softmax", nl_bits or bits, fine_grid=fine_grid)
         self.attn_drop = attn.attn_drop
         self.matmul_av = QuantMatMul()
         self.proj = QLinear(attn.proj, bits)
@@ -70,14 +71,14 @@ class _QuantAttentionBase(nn.Module):
 class QuantAttention(_QuantAttentionBase):
     """timm ``vision_transformer.Attention`` with an integer softmax slot and integer matmuls."""
 
-    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False):
+    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False, nl_bits: int | None = None):
         if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
             raise _unsupported("qk_norm", path)
         if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
             raise _unsupported("scale_norm", path)
         if getattr(attn, "gate", None) is not None:
             raise _unsupported("gated attention", path)
-        super().__init__(attn, bits, path, fine_grid)
+        super().__init__(attn, bits, path, fine_grid, nl_bits)
         self.head_dim = attn.head_dim
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
 
@@ -98,8 +99,8 @@ class QuantWindowAttention(_QuantAttentionBase):
     boolean that the slot applies as an integer after quantization (spec trap 5).
     """
 
-    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False):
-        super().__init__(attn, bits, path, fine_grid)
+    def __init__(self, attn: nn.Module, bits: int, path: str, fine_grid: bool = False, nl_bits: int | None = None):
+        super().__init__(attn, bits, path, fine_grid, nl_bits)
         self.window_area = attn.window_area
         self.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         self.relative_position_bias_table = attn.relative_position_bias_table

@@ -44,15 +44,20 @@ def calibrate(qmodel: QuantModel, batches: Iterable[tuple[torch.Tensor, torch.Te
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device="cpu",
-             progress: bool = False, desc: str = "evaluate") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent), image count and seconds, like timm's validate.py."""
+             progress: bool = False, desc: str = "evaluate", keep_correct: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent), image count and seconds, like timm's validate.py;
+    ``keep_correct``: also ``correct``, the per-image top-1 correctness (bool, CPU), for paired
+    statistics."""
     model.eval()
     correct1 = correct5 = n = 0
+    per_image = []
     t0 = time.perf_counter()
     for x, y in tqdm(batches, desc=desc, disable=not progress, leave=False):
         logits = model(x.to(device)).float()
         y = y.to(device)
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        if keep_correct:
+            per_image.append((top[:, 0] == y).cpu())
         correct1 += int((top[:, 0] == y).sum())
         correct5 += int((top == y[:, None]).any(dim=-1).sum())
         n += y.numel()
@@ -60,5 +65,8 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         from .errors import UsageError
 
         raise UsageError("evaluation data is empty")
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": n,
-            "seconds": time.perf_counter() - t0}
+    out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "images": n,
+           "seconds": time.perf_counter() - t0}
+    if keep_correct:
+        out["correct"] = torch.cat(per_image)
+    return out

@@ -52,6 +52,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization and evaluation")
     g.add_argument("--bits", type=int, default=8, help="weight/activation bit-width, 4..8 (default: 8)")
+    g.add_argument("--nl-bits", type=int, default=None,
+                   help="bit-width of the Softmax/GELU inputs and methods, 4..8 (default: --bits; eval/qat: the file's)")
+    g.add_argument("--families", default=None, metavar="NAMES",
+                   help="method families offered to every slot, comma-separated (default: every registered one)")
+    g.add_argument("--val-size", type=int, default=1000,
+                   help="validation images that strategies and objectives selecting on validation use (default: 1000)")
     g.add_argument("--fine-grid", action="store_true", default=None,
                    help="exp/erf kernels on a grid no coarser than 2**-6, an exact left shift "
                         "(default: off, the references' numerics; eval/qat: as the assignment file says)")
@@ -227,7 +233,9 @@ def _settings(args, **extra) -> "RunSettings":
     from .context import RunSettings
 
     return RunSettings(model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, data=args.data,
-                       download=args.download, bits=args.bits if args.bits is not None else 8,
+                       download=args.download, bits=args.bits if args.bits is not None else 8, nl_bits=args.nl_bits,
+                       val_size=args.val_size,
+                       families=tuple(f.strip() for f in args.families.split(",") if f.strip()) if args.families else None,
                        fine_grid=bool(args.fine_grid), calib_size=args.calib_size, eval_size=args.eval_size,
                        batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet,
                        **extra)
@@ -270,10 +278,13 @@ def _cmd_run(args) -> int:
     result = run(settings)
     _print_run_table(result)
     search = result.get("search")
-    if search:
+    if search and "study" in search:
         best = "  ".join(f"{m} {v}" for m, v in search["best"]["values"].items())
         print(f"study {search['study']} in {search['storage']}: trials {search['trials']}; best trial "
               f"{search['best']['number']}: {best}")
+    elif search and "kl" in search:
+        print(f"validation KL {search['kl']:.5g} nats per image on {search['val_images']} validation images "
+              f"({search['evaluations']} assignments scored, {search['seconds']:.0f} s)")
     print("wrote " + ", ".join(os.path.join(args.out, f) for f in result["files"]))
     return 0
 

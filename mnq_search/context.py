@@ -44,7 +44,10 @@ class RunSettings:
     data: str | None = None
     download: bool = False
     bits: int = 8
+    nl_bits: int | None = None  # the non-linear slots' bit-width (None: bits)
     fine_grid: bool = False
+    val_size: int = 1000  # validation images the validation-scored strategies and objectives use
+    families: tuple[str, ...] | None = None  # the method families offered to every slot (None: all registered)
     calib_size: int = 128
     eval_size: int | None = 2000  # None: the whole evaluation split
     batch_size: int = EVAL_BATCH
@@ -59,6 +62,8 @@ class RunSettings:
     device: str | None = None
     out: str = "runs/default"
     progress: bool = True
+    record_images: bool = False  # studies: per-image test correctness (correct.npz) and the validation top-1
+    val_eval_size: int | None = None  # validation images of that top-1 (None: the whole validation split)
 
     def validate(self) -> "RunSettings":
         """Raise a one-line UsageError for the first bad value; returns self."""
@@ -67,11 +72,14 @@ class RunSettings:
         from .integer import check_bits
 
         get_strategy(self.strategy)
-        try:
-            check_bits(self.bits)
-        except ValueError as exc:
-            raise UsageError(f"--bits: {exc}") from None
+        for flag, value in (("--bits", self.bits), ("--nl-bits", self.nl_bits)):
+            try:
+                if value is not None or flag == "--bits":
+                    check_bits(value)
+            except ValueError as exc:
+                raise UsageError(f"{flag}: {exc}") from None
         for flag, value, low in (("--calib-size", self.calib_size, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--val-size", self.val_size, 1),
                                  ("--sens-batch-size", self.sens_batch_size, 1), ("--qat-epochs", self.qat_epochs, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UsageError(f"{flag} must be an integer >= {low}, got {value!r}")
@@ -79,6 +87,12 @@ class RunSettings:
             raise UsageError(f"--eval-size must be positive or 'all', got {self.eval_size!r}")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise UsageError(f"--num-classes must be a positive integer, got {self.num_classes!r}")
+        if self.families is not None:
+            from .methods import get_family
+
+            self.families = tuple(self.families)
+            for f in self.families:
+                get_family(f)
         if self.asqnr_form not in ASQNR_FORMS:
             raise UsageError(f"unknown ASQNR form {self.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
         is_optuna = self.strategy.partition(":")[0] == "optuna"
@@ -134,13 +148,24 @@ class RunContext:
         return self.settings.bits
 
     @property
+    def nl_bits(self) -> int:
+        return self.settings.nl_bits or self.settings.bits
+
+    @property
     def search_space(self) -> SearchSpace:
         """The run's search space (method variables of ``slot_ops`` when none was built)."""
         if self.space is None:
             from .space import SearchSpace
 
-            self.space = SearchSpace.of_slots(self.slot_ops)
+            self.space = SearchSpace.of_slots(self.slot_ops, self.settings.families)
         return self.space
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The method families this run offers (``settings.families``, else every registered one)."""
+        from .methods import list_families
+
+        return tuple(f for f in list_families() if self.settings.families is None or f in self.settings.families)
 
     def _need(self, what: str) -> None:
         if getattr(self, what) is None:

@@ -58,13 +58,15 @@ class QuantModel(nn.Module):
 
     Args:
         model: the converted timm model (see :func:`convert_model`).
-        bits: its bit-width.
+        bits: the bit-width of its linear layers (weights and inputs).
+        nl_bits: the bit-width of its non-linear slots (default: ``bits``).
     """
 
-    def __init__(self, model: nn.Module, bits: int, fine_grid: bool = False):
+    def __init__(self, model: nn.Module, bits: int, fine_grid: bool = False, nl_bits: int | None = None):
         super().__init__()
         self.model = model
         self.bits = bits
+        self.nl_bits = nl_bits or bits
         self.fine_grid = fine_grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,19 +108,28 @@ class QuantModel(nn.Module):
             q.set_enabled(enabled)
         return self
 
-    def reset_ranges(self) -> None:
-        """Forget calibrated activation ranges (before a new calibration)."""
-        for q in self.quantizers():
-            q.observer.reset()
+    def reset_ranges(self, modules: nn.Module | None = None) -> None:
+        """Forget calibrated activation ranges and every method's calibrated state (before a new
+        calibration), of the whole model or of the part ``modules``."""
+        from .methods import NonLinearMethod
+
+        for m in (modules or self.model).modules():
+            if isinstance(m, ActQuant):
+                m.observer.reset()
+            elif isinstance(m, NonLinearMethod):
+                m.reset_calibration()
 
 
 def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str] | None = None,
-                  inplace: bool = False, fine_grid: bool = False) -> QuantModel:
+                  inplace: bool = False, fine_grid: bool = False, nl_bits: int | None = None) -> QuantModel:
     """Quantize a timm ``VisionTransformer`` (ViT, DeiT) or ``SwinTransformer``.
 
     Args:
         model: the float model (weights already loaded).
-        bits: weight and activation bit-width (4..8).
+        bits: weight and activation bit-width of the linear layers (4..8).
+        nl_bits: input bit-width of the Softmax and GELU slots, and what the methods take as their
+            bit-width (4..8; default ``bits``): the study of issue 17 varies it with the linear layers
+            at 8 bits.
         assignment: slot -> method; slots not named stay ``"float"``.
         inplace: convert ``model`` itself instead of a deep copy.
         fine_grid: every method's exp/erf kernel on a grid no coarser than 2**-6 (off: the references').
@@ -128,6 +139,7 @@ def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str]
     """
     try:
         check_bits(bits)
+        check_bits(nl_bits or bits, "nl_bits")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if not isinstance(model, SUPPORTED):
@@ -137,23 +149,23 @@ def convert_model(model: nn.Module, bits: int = 8, assignment: Mapping[str, str]
         model = copy.deepcopy(model)
     for path, mod in list(model.named_modules()):
         if isinstance(mod, Attention):
-            _set_submodule(model, path, QuantAttention(mod, bits, path, fine_grid))
+            _set_submodule(model, path, QuantAttention(mod, bits, path, fine_grid, nl_bits))
         elif isinstance(mod, WindowAttention):
-            _set_submodule(model, path, QuantWindowAttention(mod, bits, path, fine_grid))
+            _set_submodule(model, path, QuantWindowAttention(mod, bits, path, fine_grid, nl_bits))
     for path, mod in list(model.named_modules()):
         if isinstance(mod, (NonLinearSlot, QLinear, QConv2d, QuantLinear, QuantConv2d)) or ".float_module" in path:
             continue
         if isinstance(mod, nn.LayerNorm):
-            _set_submodule(model, path, NonLinearSlot(path, "layernorm", bits, mod, fine_grid=fine_grid))
+            _set_submodule(model, path, NonLinearSlot(path, "layernorm", nl_bits or bits, mod, fine_grid=fine_grid))
         elif _is_gelu(mod):
-            _set_submodule(model, path, NonLinearSlot(path, "gelu", bits, mod, fine_grid=fine_grid))
+            _set_submodule(model, path, NonLinearSlot(path, "gelu", nl_bits or bits, mod, fine_grid=fine_grid))
         elif isinstance(mod, nn.Linear):
             _set_submodule(model, path, QLinear(mod, bits))
         elif isinstance(mod, nn.Conv2d):
             _set_submodule(model, path, QConv2d(mod, bits))
         elif isinstance(mod, (nn.Softmax, nn.BatchNorm2d, nn.GroupNorm)):
             raise UsageError(f"{path}: {type(mod).__name__} outside attention is not supported")
-    qmodel = QuantModel(model, bits, fine_grid)
+    qmodel = QuantModel(model, bits, fine_grid, nl_bits)
     if assignment:
         qmodel.set_assignment(assignment)
     return qmodel

@@ -234,7 +234,7 @@ def make_eval_fn(data: DataSource, eval_size: int | None, batch_size: int, devic
 
     def fn(model) -> float:
         batches = data.validation_batches(eval_size, batch_size) if validation else data.eval_batches(eval_size, batch_size)
-        fn.last = evaluate(model, batches, device, progress, "eval")
+        fn.last = evaluate(model, batches, device, progress, "eval", keep_correct=True)
         return fn.last["top1"]
 
     fn.last = None

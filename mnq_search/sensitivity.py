@@ -154,12 +154,10 @@ def sensitivity_table(ctx) -> tuple[list[dict], dict[str, float]]:
     pass over the same images, the reference of the sensitivity-time ratio in BENCHMARKS.md."""
     import time
 
-    from .methods import list_families
-
     st = ctx.settings
     t = time.perf_counter()
     calib = lambda: ctx.data.calib_batches(st.calib_size, st.sens_batch_size)  # noqa: E731
-    models = build_method_models(ctx.qmodel, list(list_families()), calib, ctx.device, st.progress)
+    models = build_method_models(ctx.qmodel, list(ctx.families), calib, ctx.device, st.progress)
     float_ref = ctx.qmodel.set_quant(False)
     try:
         rows = measure_sensitivity(float_ref, models, calib(), ctx.device, st.asqnr_form, st.progress)

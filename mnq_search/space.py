@@ -58,7 +58,7 @@ class VariableKind:
     name: str = ""
     file_key: str = ""  # the assignment file's section for this kind's values
 
-    def variables(self, qmodel: QuantModel) -> list[Variable]:
+    def variables(self, qmodel: QuantModel, families: tuple[str, ...] | None = None) -> list[Variable]:
         raise NotImplementedError
 
     def apply(self, qmodel: QuantModel, values: Mapping[str, Any]) -> None:
@@ -86,13 +86,23 @@ class _MethodKind(VariableKind):
     name = "method"
     file_key = "slots"
 
-    def variables(self, qmodel):
-        from .methods import NONLINEAR_METHODS
-
-        return [Variable(slot, self.name, tuple(NONLINEAR_METHODS[op]), None, op) for slot, op in qmodel.slot_ops().items()]
+    def variables(self, qmodel, families=None):
+        return _method_variables(qmodel.slot_ops(), families)
 
     def apply(self, qmodel, values):
         qmodel.set_assignment(dict(values))
+
+
+def _method_variables(slot_ops: Mapping[str, str], families: tuple[str, ...] | None) -> list[Variable]:
+    from .methods import NONLINEAR_METHODS
+
+    out = []
+    for slot, op in slot_ops.items():
+        choices = tuple(m for m in NONLINEAR_METHODS[op] if families is None or m in families)
+        if not choices:
+            raise UsageError(f"no family of {', '.join(families)} has a {op} method (slot {slot!r})")
+        out.append(Variable(slot, "method", choices, None, op))
+    return out
 
 
 register_kind(_MethodKind())
@@ -108,21 +118,21 @@ class SearchSpace:
         self._vars = {v.name: v for v in variables}
 
     @classmethod
-    def from_model(cls, qmodel: QuantModel, kinds: tuple[str, ...] = ("method",)) -> "SearchSpace":
-        """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot)."""
+    def from_model(cls, qmodel: QuantModel, kinds: tuple[str, ...] = ("method",),
+                   families: tuple[str, ...] | None = None) -> "SearchSpace":
+        """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot, from
+        ``families`` or every registered family)."""
         out: list[Variable] = []
         for k in kinds:
             if k not in _KINDS:
                 raise unknown_choice("variable kind", k, _KINDS)
-            out += _KINDS[k].variables(qmodel)
+            out += _KINDS[k].variables(qmodel, families)
         return cls(out)
 
     @classmethod
-    def of_slots(cls, slot_ops: Mapping[str, str]) -> "SearchSpace":
+    def of_slots(cls, slot_ops: Mapping[str, str], families: tuple[str, ...] | None = None) -> "SearchSpace":
         """Method variables for the slots ``slot_ops`` (no model needed)."""
-        from .methods import NONLINEAR_METHODS
-
-        return cls([Variable(s, "method", tuple(NONLINEAR_METHODS[op]), None, op) for s, op in slot_ops.items()])
+        return cls(_method_variables(slot_ops, families))
 
     def __iter__(self) -> Iterator[Variable]:
         return iter(self._vars.values())

@@ -66,6 +66,10 @@ class Objective(ABC):
         """Build from a :class:`~mnq_search.search.SearchOptions` (default: no arguments)."""
         return cls()
 
+    def validation_images(self, settings) -> int:
+        """Images of the validation split this objective scores on (0: none)."""
+        return 0
+
     def setup(self, ctx: RunContext) -> None:
         """Optional hook, run once before the first trial (e.g. the float model's logits)."""
 

@@ -1,12 +1,13 @@
 """Cheap whole-model objectives, no training: how far the quantized model's logits are from the
-float model's on the calibration images.
+float model's on ``val_size`` images of the validation split (never the test split, and not the
+calibration images the ranges were fitted on).
 
 - ``proxy``: mean KL(float || quantized) of the softmaxed logits per image (lower is better);
 - ``proxy_sqnr``: output SQNR of the logits in dB, 10 log10(sum f^2 / sum (f - q)^2) (higher is better).
 
 Both calibrate a copy of the model with the assignment on the run's calibration images (as the
-pipeline does for the final model) and compare on those same images: one calibration and one
-forward pass per trial. The test split is never used.
+pipeline does for the final model) and compare on the validation images: one calibration and one
+forward pass per trial.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ SQNR_CAP_DB = 300.0  # identical logits: a finite value the samplers can rank
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, ctx: Any) -> list[torch.Tensor]:
     model.eval()
-    return [model(x.to(ctx.device)).double().cpu() for x, _ in ctx.calib_batches()]
+    return [model(x.to(ctx.device)).double().cpu() for x, _ in ctx.validation_batches(ctx.settings.val_size)]
 
 
 class _LogitsObjective(Objective):
@@ -35,6 +36,9 @@ class _LogitsObjective(Objective):
 
     def __init__(self) -> None:
         self._ref: list[torch.Tensor] | None = None
+
+    def validation_images(self, settings) -> int:
+        return settings.val_size
 
     def setup(self, ctx: Any) -> None:
         self._ref = _logits(ctx.model, ctx)
@@ -52,11 +56,11 @@ class _LogitsObjective(Objective):
 
 @register_objective("proxy")
 class ProxyKL(_LogitsObjective):
-    """Mean over the calibration images of KL(softmax(float) || softmax(quantized)), in nats."""
+    """Mean over the validation images of KL(softmax(float) || softmax(quantized)), in nats."""
 
     direction = "minimize"
     metric = "kl"
-    description = "mean KL(float || quantized) of the logits on the calibration images (no training)"
+    description = "mean KL(float || quantized) of the logits on validation images (no training)"
 
     def compare(self, ref, quant):
         kl = F.kl_div(F.log_softmax(quant, -1), F.log_softmax(ref, -1), reduction="sum", log_target=True)
@@ -65,11 +69,11 @@ class ProxyKL(_LogitsObjective):
 
 @register_objective("proxy_sqnr")
 class ProxySqnr(_LogitsObjective):
-    """Output SQNR of the logits over the calibration images, in dB."""
+    """Output SQNR of the logits over the validation images, in dB."""
 
     direction = "maximize"
     metric = "sqnr_db"
-    description = "output SQNR (dB) of the logits on the calibration images (no training)"
+    description = "output SQNR (dB) of the logits on validation images (no training)"
 
     def compare(self, ref, quant):
         noise = float(((ref - quant) ** 2).sum())

@@ -49,6 +49,9 @@ class QATObjective(Objective):
             raise UsageError(f"--qat-eval-every must be positive, got {eval_every}")
         self.steps, self.holdout, self.eval_every = steps, holdout, eval_every
 
+    def validation_images(self, settings) -> int:
+        return self.holdout
+
     @classmethod
     def from_options(cls, options):
         return cls(options.qat_steps, options.qat_holdout, options.qat_eval_every)

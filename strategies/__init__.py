@@ -14,6 +14,7 @@ from ._registry import register_strategy as register_strategy
 from . import uniform as uniform  # noqa: E402
 from . import greedy as greedy  # noqa: E402
 from . import random as random  # noqa: E402
+from . import local as local  # noqa: E402
 from . import optuna_joint as optuna_joint  # noqa: E402
 
 __all__ = ["Strategy", "StrategyResult", "get_strategy", "list_strategies", "register_strategy"]

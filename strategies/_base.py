@@ -51,6 +51,11 @@ class Strategy(ABC):
     def full_name(self) -> str:
         return f"{self.name}:{self.arg}" if self.arg else self.name
 
+    def validation_images(self, settings) -> int:
+        """Images of the validation split this strategy selects on (0: none), so that the pipeline
+        checks, before any work, that the data set has them."""
+        return 0
+
     def before_search(self, ctx: RunContext) -> None:
         """Optional hook, run before :meth:`select`."""
 

@@ -54,8 +54,11 @@ def warm_starts(ctx: RunContext, names: list[str] | tuple[str, ...] | None) -> l
     """The assignments of the strategies ``names`` (None: :func:`default_warm_starts`), identical
     ones merged: a list of (assignment, strategy names)."""
     out: dict[tuple[str, ...], tuple[dict, list[str]]] = {}
+    space = ctx.search_space
     for name in default_warm_starts() if names is None else names:
         assignment = get_strategy(name).select(ctx)
+        if any(v not in space[s].choices for s, v in assignment.items()):
+            continue  # a family the run does not offer (--families)
         key = tuple(assignment[s] for s in ctx.slot_ops)
         out.setdefault(key, (assignment, []))[1].append(name)
     return list(out.values())
@@ -119,6 +122,10 @@ class OptunaStrategy(Strategy):
     description = "joint search over all slots with an Optuna study (--objective proxy|qat|cost, warm-started)"
     needs_sensitivity = True  # the greedy warm starts
 
+    def validation_images(self, settings) -> int:
+        opts = settings.search or SearchOptions()
+        return max([o.validation_images(settings) for o in opts.build_objectives()] + [0])
+
     def __init__(self, arg: str | None = None):
         super().__init__(arg)
         self.info: dict[str, Any] = {}
@@ -137,7 +144,7 @@ class OptunaStrategy(Strategy):
         spec = StudySpec(
             name=opts.study or f"{'+'.join(opts.objectives)}-{ctx.bits}bit",
             directions=[o.direction for o in objectives], metric_names=metrics,
-            meta={"objectives": list(opts.objectives), "bits": ctx.bits,
+            meta={"objectives": list(opts.objectives), "bits": ctx.bits, "nl_bits": ctx.nl_bits,
                   "fine_grid": bool(st.fine_grid), "slot_ops": dict(ctx.slot_ops),
                   "model": st.model, "sampler": opts.sampler, "seed": ctx.seed},
             warm_starts=[(a, {"warm_start": "+".join(names)})

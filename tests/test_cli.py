@@ -193,7 +193,7 @@ def test_every_bad_input_exits_2_with_one_line_and_no_output(ckpt, tmp_path, cap
 
 
 def test_list_commands(capsys):
-    assert run_cli(["list", "strategies"], capsys)[1].count("\n") == 9
+    assert run_cli(["list", "strategies"], capsys)[1].count("\n") == 12
     out = run_cli(["list", "methods"], capsys)[1]
     assert "gelu       ibert, ivit" in out
     assert "fmnist-deit-tiny" in run_cli(["list", "models"], capsys)[1]

@@ -51,7 +51,7 @@ def test_study_runs_every_cell_once(spec, capsys):
     md = csv_path.with_suffix(".md").read_text()
     assert "| sqnr_diff |" in md and "8-bit QAT 1" in md
     s = load_spec(spec)
-    assert (s.work_dir / "sensitivity-fmnist-deit-tiny-8bit.csv").is_file()  # shared by the greedy cells
+    assert (s.work_dir / "sensitivity-fmnist-deit-tiny-8bit-nl8.csv").is_file()  # shared by the greedy cells
     qat_run = s.work_dir / "runs" / "fmnist-deit-tiny-8bit-sqnr_diff-qat1"  # Figure 3 and 4 inputs
     assert len(list(csv.DictReader((qat_run / "slot_asqnr.csv").open()))) == 12 + 12 + 25
     assert [r["epoch"] for r in csv.DictReader((qat_run / "history.csv").open())] == ["1"]
@@ -75,3 +75,71 @@ def test_bad_specs_are_one_line_errors(tmp_path, text, needle):
     p.write_text(text)
     with pytest.raises(UsageError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         load_spec(p)
+
+
+@needs_full_fmnist
+def test_a_killed_study_loses_no_finished_cell_and_repeats_none(tmp_path, monkeypatch):
+    """The grouped form with recorded images: kill the study in its third cell, run it again: the
+    two finished cells are not run again, every cell ends up run exactly once, and the statistics
+    compare every strategy with the best uniform method (selected on validation)."""
+    import mnq_search.pipeline as pipeline
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "w.safetensors"
+    save_weights(create_zoo_model("fmnist-deit-tiny"), ckpt)
+    path = tmp_path / "g.toml"
+    path.write_text(f'''
+name = "grouped"
+[[group]]
+models = ["fmnist-deit-tiny"]
+bits = [8]
+nl_bits = [6]
+strategies = ["uniform:ibert", "uniform:ivit", "random", "coordinate"]
+random_seeds = [0, 1]
+[run]
+checkpoint = "{ckpt}"
+calib_size = 8
+eval_size = 40
+batch_size = 20
+val_size = 20
+val_eval_size = 40
+record = true
+[qat_phase]
+steps = 2
+batch_size = 8
+select = ["best_uniform", "best_search"]
+''')
+    calls = []
+    real = pipeline.run
+
+    def counting(settings):
+        calls.append(settings.out)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed in the middle of the third cell
+        return real(settings)
+
+    monkeypatch.setattr(pipeline, "run", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, progress=False)
+    s = load_spec(path)
+    assert len(list((s.work_dir / "cells").glob("*.json"))) == 2
+    monkeypatch.setattr(pipeline, "run", lambda st: (calls.append(st.out), real(st))[1])
+    csv_path = run_study(path, progress=False)
+    ptq = [c for c in calls]
+    assert len(ptq) == len(set(ptq)) + 1  # only the killed cell ran twice
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["strategy"] for r in rows if r["regime"] == "ptq"] == [
+        "uniform:ibert", "uniform:ivit", "random", "random", "coordinate"]
+    assert all(float(r["cost_mop"]) > 0 and r["top1_val"] for r in rows)
+    qat = [r for r in rows if r["regime"] == "qat"]
+    assert len(qat) == 2 and all(r["qat_of"] for r in qat)
+    stats = list(csv.DictReader((s.results_dir / "grouped_stats.csv").open()))
+    base = max((r for r in rows if r["strategy"].startswith("uniform:")), key=lambda r: float(r["top1_val"]))
+    assert {r["baseline"] for r in stats} == {base["strategy"]}
+    assert len([r for r in stats if r["regime"] == "ptq"]) == 4 and len([r for r in stats if r["regime"] == "qat"]) == 1
+    for r in stats:
+        assert float(r["lo"]) <= float(r["diff"]) <= float(r["hi"]) and 0 <= float(r["p"]) <= float(r["p_holm"]) <= 1
+    assert (s.results_dir / "grouped.png").stat().st_size > 2000
+    n_before = len(calls)
+    run_study(path, progress=False)  # everything finished: nothing runs
+    assert len(calls) == n_before

@@ -157,6 +157,10 @@ class NonLinearMethod(nn.Module):
     def observe(self, x: torch.Tensor, s_x: torch.Tensor) -> None:
         """Optional hook, run in ``train()`` mode before the kernel: update calibrated ranges."""
 
+    def reset_calibration(self) -> None:
+        """Optional hook: forget what :meth:`observe` learned, as a fresh instance (before a new
+        calibration)."""
+
     def float32_exact(self, s_x: float) -> bool:
         """True when the kernel's intermediates stay below 2**24 at input scale ``s_x`` (for inputs
         of ``in_bits``), so the float-held path may run in float32. Default: False (float64)."""

@@ -153,6 +153,11 @@ class FQViTLayerNorm(AffineLayerNorm):
             self.alpha = torch.zeros_like(alpha)
         self.alpha.copy_(alpha)
 
+    def reset_calibration(self):
+        self.in_observer.reset()
+        self.out_observer.reset()
+        self.alpha.zero_()
+
     def plan_state(self):
         bufs = (self.alpha, self.in_observer.min_val, self.in_observer.max_val, self.out_observer.min_val,
                 self.out_observer.max_val)

@@ -156,6 +156,9 @@ class IBertLayerNorm(AffineLayerNorm):
         yn, s_n = ln_normalize(y, std)
         return ln_affine_bias(yn, s_n, self.weight, self.bias)
 
+    def reset_calibration(self):
+        self.var_shift.zero_()
+
     def plan_state(self):
         return (self.var_shift._version, self.var_shift.data_ptr(), *super().plan_state())
 

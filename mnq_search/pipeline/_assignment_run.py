@@ -25,6 +25,8 @@ def settings_from_assignment(path: str, settings: RunSettings, bits_given: bool,
         changes["model"] = meta["model"]
     if not bits_given and meta.get("bits"):
         changes["bits"] = meta["bits"]
+        if settings.nl_bits is None and meta.get("nl_bits") and meta["nl_bits"] != meta["bits"]:
+            changes["nl_bits"] = meta["nl_bits"]
     if not fine_grid_given:
         changes["fine_grid"] = bool(meta.get("fine_grid"))
     return dataclasses.replace(settings, **changes).validate(), meta

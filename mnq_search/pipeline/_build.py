@@ -35,6 +35,6 @@ def open_run(settings: RunSettings, training: bool = False, validation: int = 0)
         raise UsageError(f"the data set has {data.num_classes} classes but the model's classifier has "
                          f"{model.num_classes} outputs: pass --num-classes or a matching checkpoint")
     model = model.to(device)
-    qmodel = convert_model(model, settings.bits, fine_grid=settings.fine_grid).to(device)
+    qmodel = convert_model(model, settings.bits, fine_grid=settings.fine_grid, nl_bits=settings.nl_bits).to(device)
     return RunContext(settings=settings, slot_ops=qmodel.slot_ops(), model=model, qmodel=qmodel, data=data,
-                      device=device, info=info, space=SearchSpace.from_model(qmodel))
+                      device=device, info=info, space=SearchSpace.from_model(qmodel, families=settings.families))

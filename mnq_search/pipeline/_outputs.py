@@ -33,7 +33,8 @@ def write_run_outputs(out: Path, result: dict, assignment: dict, rows: list[dict
     Returns the names written."""
     written = ["assignment.json"]
     save_assignment(out / "assignment.json", assignment, model=result["model"], bits=result["bits"],
-                    fine_grid=result["fine_grid"], strategy=result["strategy"], seed=result["seed"])
+                    nl_bits=result["nl_bits"], fine_grid=result["fine_grid"], strategy=result["strategy"],
+                    seed=result["seed"])
     if rows is not None:
         atomic_write_text(out / "sensitivity.csv", sensitivity_csv(rows))
         written.append("sensitivity.csv")

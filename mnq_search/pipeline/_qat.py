@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import distributed as dist
-from ..calibrate import calibrate
+from ..calibrate import calibrate, evaluate
 from ..context import RunSettings
 from ..convert import QuantModel, convert_model
 from ..data import DataSource
@@ -31,7 +31,8 @@ def write_qat_outputs(out: Path, model, qmodel: QuantModel, history: list[dict],
     model on up to 64 calibration images: the paper's Figure 3) of a trained ``qmodel``."""
     from ..sensitivity import measure_slots
 
-    float_ref = convert_model(model, qmodel.bits, fine_grid=qmodel.fine_grid).to(device).set_quant(False)
+    float_ref = convert_model(model, qmodel.bits, fine_grid=qmodel.fine_grid, nl_bits=qmodel.nl_bits).to(device)
+    float_ref.set_quant(False)
     slot_rows = measure_slots(float_ref, {"qat": qmodel}, data.calib_batches(min(calib_size, 64), 32), device)
     atomic_write_text(out / "slot_asqnr.csv", csv_text(("slot", "op", "asqnr_out"), slot_rows))
     atomic_write_text(out / "history.csv", history_csv(history))
@@ -71,6 +72,14 @@ def qat_job(assignment_file: str, settings: RunSettings, qcfg: QATConfig, out: s
                   "qat": dataclasses.asdict(qcfg), "world_size": dist.world(), "qat_seconds": round(seconds, 1),
                   "device": device_name(device), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                   "out": str(folder)}
+        if settings.record_images:  # a study's statistics: per-image correctness after the last evaluation
+            from ..stats import pack
+            from ._run import record_correct
+
+            vres = evaluate(qmodel, ctx.validation_batches(settings.val_eval_size or ctx.data.validation_size), device,
+                            False, "validation eval")
+            result["top1_val"] = round(vres["top1"], 3)
+            record_correct(folder, "correct.npz", test=pack(eval_fn.last["correct"].numpy()), n=eval_fn.last["images"])
         atomic_write_json(folder / "result.json", result)
     dist.barrier()
     return result

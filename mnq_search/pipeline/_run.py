@@ -45,7 +45,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     search = settings.search
     uses_qat = search is not None and "qat" in search.objectives
     ctx = open_run(settings, training=settings.qat_epochs > 0 or uses_qat,
-                   validation=search.qat_holdout if uses_qat else 0)
+                   validation=strategy.validation_images(settings))
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -65,8 +65,16 @@ def run(settings: RunSettings) -> dict[str, Any]:
     timings["calibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
     qres = evaluate(qmodel, ctx.data.eval_batches(settings.eval_size, settings.batch_size), ctx.device,
-                    settings.progress, "quantized eval")
+                    settings.progress, "quantized eval", keep_correct=settings.record_images)
     timings["quant_eval_s"] = time.perf_counter() - t
+    extra: dict[str, Any] = {}
+    if settings.record_images:  # what a study's statistics and selection need
+        from ..stats import pack
+
+        vres = evaluate(qmodel, ctx.validation_batches(settings.val_eval_size or ctx.data.validation_size), ctx.device,
+                        settings.progress, "validation eval")
+        extra = {"top1_val": round(vres["top1"], 3), "val_images": vres["images"]}
+        record_correct(Path(settings.out), "correct.npz", test=pack(qres["correct"].numpy()), n=qres["images"])
     history = eval_fn = None
     if settings.qat_epochs > 0:
         from ..qat import make_eval_fn, train_qat
@@ -81,6 +89,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     timings["wall_s"] = time.perf_counter() - t_start
 
     result = _record(ctx, strategy.full_name, assignment, fp, qres, timings)
+    result.update(extra)
     result["sensitivity_measured"] = ctx.sensitivity is not None
     if outcome.search is not None:
         result["search"] = outcome.search
@@ -94,6 +103,17 @@ def run(settings: RunSettings) -> dict[str, Any]:
     result["files"] = write_run_outputs(Path(settings.out), result, assignment, ctx.sensitivity,
                                         outcome.search, outcome.pareto)
     return result
+
+
+def record_correct(out: Path, name: str, **arrays) -> None:
+    """Per-image correctness (packed bits) next to result.json, written atomically."""
+    import numpy as np
+
+    from ..io import atomic_path
+
+    with atomic_path(out / name) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
 
 
 def _sensitivity(ctx: RunContext, timings: dict[str, float]) -> list[dict]:
@@ -121,6 +141,7 @@ def _record(ctx: RunContext, strategy: str, assignment, fp, qres, timings) -> di
         "data": ctx.data.spec,
         "data_embedded": bool(getattr(ctx.data, "embedded", False)),  # the default run's images from the package
         "bits": st.bits,
+        "nl_bits": st.nl_bits or st.bits,
         "fine_grid": st.fine_grid,
         "counts": counts(assignment, ctx.slot_ops),
         "slots": ctx.qmodel.count_slots(),

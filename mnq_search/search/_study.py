@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 READY_ATTR = "mnq_search_ready"
 META_ATTR = "mnq_search"
 READY_WAIT_S = 120.0  # how long a joining worker waits for the creator to set the study up
-META_KEYS = ("objectives", "bits", "fine_grid", "slot_ops")  # what a joining worker must agree on
+META_KEYS = ("objectives", "bits", "nl_bits", "fine_grid", "slot_ops")  # what a joining worker must agree on
 
 
 @dataclass

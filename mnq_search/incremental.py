@@ -1,0 +1,146 @@
+"""Scoring assignments that differ from the previous one in a few slots, recomputing only the part
+of the model after the first slot that changed: what makes ``sequential`` and ``coordinate``
+cheap (issue 17).
+
+A converted ViT / DeiT / Swin is a chain of *units* (the stem, each transformer block, Swin's
+patch mergings, the final norm with the head). The evaluator keeps the input of every unit for
+each calibration batch *as a full calibration produces it* (the upstream quantizers still moving
+with the EMA) and for each validation batch (ranges frozen). When an assignment changes slots in
+unit ``i`` and later, only units ``i..`` are reset, re-calibrated on the cached inputs of unit ``i``
+and re-evaluated: the same numbers, bit for bit, as calibrating and evaluating a fresh copy of the
+model with that assignment (``tests/test_incremental.py``), at the cost of the changed suffix.
+
+The score is the mean KL(float || quantized) of the logits on the validation images, in nats per
+image, as the ``proxy`` objective computes it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .calibrate import observing
+from .convert import QuantModel
+from .errors import UsageError
+from .slot import NonLinearSlot
+
+
+def _units(model: nn.Module) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
+    """(modules, function) of each unit of a timm model, in forward order."""
+    if isinstance(model, VisionTransformer):
+        def stem(x):
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        stem_mods = nn.ModuleList([model.patch_embed, model.norm_pre])
+        return ([(stem_mods, stem)] + [(blk, blk) for blk in model.blocks]
+                + [(nn.ModuleList([model.norm, model.fc_norm, model.head]), head)])
+    if isinstance(model, SwinTransformer):
+        out = [(model.patch_embed, model.patch_embed)]
+        for stage in model.layers:
+            out.append((stage.downsample, stage.downsample))
+            out += [(blk, blk) for blk in stage.blocks]
+
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        return out + [(nn.ModuleList([model.norm, model.head]), head)]
+    raise UsageError(f"incremental evaluation supports timm VisionTransformer and SwinTransformer, "
+                     f"not {type(model).__name__}")
+
+
+class IncrementalEvaluator:
+    """Validation KL of assignments, recomputed from the first changed unit.
+
+    Args:
+        qmodel: the converted model (copied; the copy is calibrated and evaluated here).
+        float_model: the float model whose logits are the reference.
+        calib: the calibration batches (images only), in the order a calibration uses them.
+        val: the validation batches (images only).
+        device: where to run.
+    """
+
+    def __init__(self, qmodel: QuantModel, float_model: nn.Module, calib: list[torch.Tensor],
+                 val: list[torch.Tensor], device: str = "cpu"):
+        self.model = copy.deepcopy(qmodel)
+        self.model.set_quant(True)
+        self.units = _units(self.model.model)
+        self.unit_of = {}
+        for i, (mods, _) in enumerate(self.units):
+            for m in mods.modules():
+                if isinstance(m, NonLinearSlot):
+                    self.unit_of[m.name] = i
+        missing = set(self.model.slot_ops()) - set(self.unit_of)
+        if missing:
+            raise UsageError(f"slots outside the model's units: {sorted(missing)[:3]}")
+        self.device = device
+        self.calib = [x.to(device) for x in calib]
+        self.val = [x.to(device) for x in val]
+        with torch.inference_mode():
+            float_model.eval()
+            self.ref = [F.log_softmax(float_model(x).double(), -1) for x in self.val]
+        self.n_val = sum(x.shape[0] for x in self.val)
+        self.current: dict[str, str] | None = None
+        self.cal_in: list[list[torch.Tensor] | None] = [None] * (len(self.units) + 1)
+        self.val_in: list[list[torch.Tensor] | None] = [None] * (len(self.units) + 1)
+        self.cal_in[0], self.val_in[0] = self.calib, self.val
+        self.evaluations = 0
+        self.units_run = 0
+
+    def score(self, assignment: Mapping[str, str]) -> float:
+        """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named)."""
+        assignment = dict(assignment)
+        if self.current is None:
+            start = 0
+        else:
+            changed = [s for s, m in assignment.items() if self.current.get(s) != m]
+            if not changed:
+                return self._kl
+            start = min(self.unit_of[s] for s in changed)
+        self.model.set_assignment(assignment)
+        self.current = assignment
+        self._recompute(start)
+        self.evaluations += 1
+        return self._kl
+
+    @torch.no_grad()
+    def _recompute(self, start: int) -> None:
+        units = self.units[start:]
+        for mods, _ in units:
+            self.model.reset_ranges(mods)
+        n = len(self.units)
+        cal = [None] * (n + 1)
+        with observing(self.model):  # the calibration, from the cached inputs of unit ``start``
+            cal[start] = self.cal_in[start]
+            for i in range(start, n):
+                cal[i + 1] = [self.units[i][1](x) for x in cal[i]]
+        self.model.eval()
+        val = [None] * (n + 1)
+        val[start] = self.val_in[start]
+        with torch.inference_mode():
+            for i in range(start, n):
+                val[i + 1] = [self.units[i][1](x) for x in val[i]]
+        for i in range(start + 1, n + 1):
+            self.cal_in[i], self.val_in[i] = cal[i], val[i]
+        self.units_run += n - start
+        kl = 0.0
+        for logits, ref in zip(val[n], self.ref):
+            kl += float(F.kl_div(F.log_softmax(logits.double(), -1), ref, reduction="sum", log_target=True))
+        self._kl = kl / self.n_val
+        self.logits = val[n]
+
+
+def evaluator_for(ctx) -> IncrementalEvaluator:
+    """An :class:`IncrementalEvaluator` on the run's calibration images and ``val_size``
+    validation images (:class:`~mnq_search.context.RunContext`)."""
+    calib = [x for x, _ in ctx.calib_batches()]
+    val = [x for x, _ in ctx.validation_batches(ctx.settings.val_size)]
+    return IncrementalEvaluator(ctx.qmodel, ctx.model, calib, val, ctx.device)

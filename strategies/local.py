@@ -1,0 +1,134 @@
+"""Strategies that see how errors propagate: each candidate is scored on the whole model, by the
+KL divergence of its logits to the float model's on ``val_size`` validation images (issue 17).
+The paper's rules score every slot on its own; these score assignments.
+
+- ``sequential``: the slots in forward order, each taking the method with the lowest validation
+  KL while the earlier slots keep their chosen methods and the later ones are still float (the
+  float op on the slot's quantized input), the way layer-wise PTQ methods account for upstream
+  error; if the result scores worse on validation than the best uniform assignment, that is
+  returned instead.
+- ``coordinate``: starts from the best uniform assignment on validation and, in passes over the
+  slots in forward order, switches a slot's method whenever the validation KL drops; stops when a
+  pass changes nothing (at most ``MAX_PASSES`` passes).
+- ``per_op``: every combination of one method per op type (18 with the three built-in families),
+  the lowest validation KL: the best that mixing at the level of op types can do, a reference for
+  how much per-slot mixing adds.
+
+All are deterministic (ties go to the earlier method of the registry) and cheap: candidates that
+differ in one slot are recomputed from that slot's transformer block on
+(:class:`mnq_search.incremental.IncrementalEvaluator`). Each reports its trace in ``search.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from mnq_search.context import RunContext
+from mnq_search.incremental import evaluator_for
+from mnq_search.methods import OPS, list_families, uniform_assignment
+
+from ._base import Strategy, StrategyResult
+from ._registry import register_strategy
+
+MAX_PASSES = 3
+TOL = 1e-12  # a switch must lower the KL by more than float noise
+
+
+class _ValidationStrategy(Strategy):
+    """Shared part: the evaluator, the best uniform start, the summary."""
+
+    def __init__(self, arg: str | None = None):
+        super().__init__(arg)
+        self.info: dict = {}
+
+    def validation_images(self, settings) -> int:
+        return settings.val_size
+
+    def best_uniform(self, ev, ctx: RunContext) -> tuple[dict[str, str], float, str]:
+        best = None
+        for family in ctx.families:
+            a = uniform_assignment(family, ctx.slot_ops)
+            kl = ev.score(a)
+            if best is None or kl < best[1]:
+                best = (a, kl, family)
+        return best
+
+    def result(self, ctx: RunContext, assignment: dict[str, str]) -> StrategyResult:
+        return StrategyResult(assignment, search=self.info)
+
+
+@register_strategy("sequential")
+class SequentialStrategy(_ValidationStrategy):
+    description = "slots in forward order, each the method with the lowest validation KL (later slots float)"
+
+    def select(self, ctx: RunContext) -> dict[str, str]:
+        t = time.perf_counter()
+        ev = evaluator_for(ctx)
+        current = {slot: "float" for slot in ctx.slot_ops}
+        trace = []
+        for var in ctx.search_space.variables("method"):
+            scores = {m: ev.score(dict(current, **{var.name: m})) for m in var.choices}
+            current[var.name] = min(scores, key=lambda m: (scores[m], var.choices.index(m)))
+            trace.append({"slot": var.name, "kl": scores})
+        final = ev.score(current)
+        start, start_kl, family = self.best_uniform(ev, ctx)
+        fallback = start_kl < final
+        self.info = {"objective": "validation KL (nats per image)", "val_images": ev.n_val, "kl": min(final, start_kl),
+                     "kl_sequence": final, "best_uniform": family, "kl_best_uniform": start_kl,
+                     "returned_best_uniform": fallback, "evaluations": ev.evaluations, "units_run": ev.units_run,
+                     "units_per_full_pass": len(ev.units), "seconds": round(time.perf_counter() - t, 1), "trace": trace}
+        return start if fallback else current
+
+
+@register_strategy("coordinate")
+class CoordinateStrategy(_ValidationStrategy):
+    description = "from the best uniform assignment, switch a slot's method while the validation KL drops (passes)"
+
+    def select(self, ctx: RunContext) -> dict[str, str]:
+        t = time.perf_counter()
+        ev = evaluator_for(ctx)
+        current, kl, family = self.best_uniform(ev, ctx)
+        start_kl, switches, passes = kl, [], 0
+        for passes in range(1, MAX_PASSES + 1):
+            changed = False
+            for var in ctx.search_space.variables("method"):
+                for m in var.choices:
+                    if m == current[var.name]:
+                        continue
+                    cand = dict(current, **{var.name: m})
+                    cand_kl = ev.score(cand)
+                    if cand_kl < kl - TOL:
+                        switches.append({"pass": passes, "slot": var.name, "from": current[var.name], "to": m,
+                                         "kl": cand_kl})
+                        current, kl, changed = cand, cand_kl, True
+            if not changed:
+                break
+        self.info = {"objective": "validation KL (nats per image)", "val_images": ev.n_val, "start": family,
+                     "kl_start": start_kl, "kl": kl, "passes": passes, "switches": switches,
+                     "evaluations": ev.evaluations, "units_run": ev.units_run, "units_per_full_pass": len(ev.units),
+                     "seconds": round(time.perf_counter() - t, 1)}
+        return current
+
+
+@register_strategy("per_op")
+class PerOpStrategy(_ValidationStrategy):
+    description = "every combination of one method per op type, the lowest validation KL (op-level mixing)"
+
+    def select(self, ctx: RunContext) -> dict[str, str]:
+        t = time.perf_counter()
+        ev = evaluator_for(ctx)
+        ops = [op for op in OPS if op in set(ctx.slot_ops.values())]
+        choices = [sorted({v for var in ctx.search_space.variables("method") if var.group == op for v in var.choices},
+                          key=list_families().index) for op in ops]
+        scores, best = [], None
+        for combo in itertools.product(*choices):
+            per_op = dict(zip(ops, combo))
+            a = {slot: per_op[op] for slot, op in ctx.slot_ops.items()}
+            kl = ev.score(a)
+            scores.append({"methods": per_op, "kl": kl})
+            if best is None or kl < best[1]:
+                best = (a, kl)
+        self.info = {"objective": "validation KL (nats per image)", "val_images": ev.n_val, "kl": best[1],
+                     "combinations": scores, "evaluations": ev.evaluations, "seconds": round(time.perf_counter() - t, 1)}
+        return best[0]
