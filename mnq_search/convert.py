@@ -89,14 +89,28 @@ class QuantModel(nn.Module):
         return {name: slot.method for name, slot in self.slots.items()}
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
-        """Set the method of every slot named in ``assignment`` (validated first: nothing changes
-        when a name or a method is wrong)."""
+        """Set the method of every slot named in ``assignment``, and every method parameter named
+        as ``<slot>#<method>.<param>`` (validated first: nothing changes when a name, a method or a
+        value is wrong)."""
         from .plan import validate_assignment
+        from .slot import split_param_key
 
         validate_assignment(assignment, self.slot_ops())
         slots = self.slots
+        for name, value in assignment.items():
+            key = split_param_key(name)
+            if key is not None:
+                slots[key[0]].set_param(key[1], key[2], value)
         for name, method in assignment.items():
-            slots[name].set_method(method)
+            if split_param_key(name) is None:
+                slots[name].set_method(method)
+
+    def get_params(self) -> dict[str, object]:
+        """Every method parameter set on a slot, as assignment keys (``<slot>#<method>.<param>``)."""
+        from .slot import param_key
+
+        return {param_key(name, m, p): v for name, slot in self.slots.items()
+                for m, values in slot.params.items() for p, v in values.items()}
 
     # --- switches -------------------------------------------------------------------------
     def quantizers(self) -> list[ActQuant]:

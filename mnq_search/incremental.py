@@ -28,7 +28,7 @@ from torch import nn
 from .calibrate import observing
 from .convert import QuantModel
 from .errors import UsageError
-from .slot import NonLinearSlot
+from .slot import NonLinearSlot, method_params, split_param_key
 
 
 def _units(model: nn.Module) -> list[tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]]:
@@ -73,6 +73,7 @@ class IncrementalEvaluator:
         self.model = copy.deepcopy(qmodel)
         self.model.set_quant(True)
         self.units = _units(self.model.model)
+        self.slot_ops = self.model.slot_ops()
         self.unit_of = {}
         for i, (mods, _) in enumerate(self.units):
             for m in mods.modules():
@@ -98,13 +99,17 @@ class IncrementalEvaluator:
     def score(self, assignment: Mapping[str, str]) -> float:
         """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named)."""
         assignment = dict(assignment)
+        for key in self.current or {}:  # a parameter left out goes back to its default
+            parts = split_param_key(key)
+            if parts is not None and key not in assignment:
+                assignment[key] = method_params(self.slot_ops[parts[0]], parts[1])[parts[2]][0]
         if self.current is None:
             start = 0
         else:
             changed = [s for s, m in assignment.items() if self.current.get(s) != m]
             if not changed:
                 return self._kl
-            start = min(self.unit_of[s] for s in changed)
+            start = min(self.unit_of[(split_param_key(s) or (s,))[0]] for s in changed)
         self.model.set_assignment(assignment)
         self.current = assignment
         self._recompute(start)

@@ -10,7 +10,9 @@ An assignment is a mapping ``slot name -> method``. Its JSON form is
 
 where ``default`` (optional, per op) fills the slots that ``slots`` does not name: per-layer
 settings override per-op ones (the layering of ``torch.ao``'s ``QConfigMapping``). A file that
-holds a bare ``{"slot": "method"}`` mapping is read too.
+holds a bare ``{"slot": "method"}`` mapping is read too. Methods with per-slot parameters (the
+``index`` softmax's ``K`` and ``T``) add a section ``"params": {"blocks.0.attn.softmax#index.K": 16}``;
+in memory the parameters sit in the same mapping as the methods, under those keys.
 """
 
 from __future__ import annotations
@@ -23,12 +25,23 @@ from typing import Any
 from .errors import UsageError
 from .io import atomic_write_json, read_json
 from .methods import OPS
-from .slot import methods_for
+from .slot import method_params, methods_for, split_param_key
+
+
+def split_assignment(assignment: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """(slot -> method, parameter key -> value) of an assignment."""
+    methods = {k: v for k, v in assignment.items() if split_param_key(k) is None}
+    return methods, {k: v for k, v in assignment.items() if k not in methods}
 
 
 def validate_assignment(assignment: Mapping[str, str], slot_ops: Mapping[str, str]) -> None:
-    """Raise a one-line UsageError for an unknown slot or a method invalid for the slot's op."""
+    """Raise a one-line UsageError for an unknown slot, a method invalid for the slot's op, or a
+    method parameter the method does not declare (or a value outside its choices)."""
     for name, method in assignment.items():
+        key = split_param_key(name)
+        if key is not None:
+            _validate_param(key, method, slot_ops)
+            continue
         if name not in slot_ops:
             close = difflib.get_close_matches(name, list(slot_ops), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -40,16 +53,35 @@ def validate_assignment(assignment: Mapping[str, str], slot_ops: Mapping[str, st
             raise UsageError(f"method {method!r} is not valid for {op} slot {name!r}; choose from: {', '.join(valid)}")
 
 
+def _validate_param(key: tuple[str, str, str], value: Any, slot_ops: Mapping[str, str]) -> None:
+    slot, method, param = key
+    if slot not in slot_ops:
+        raise UsageError(f"unknown slot {slot!r} in parameter {slot}#{method}.{param}")
+    op = slot_ops[slot]
+    if method not in methods_for(op):
+        raise UsageError(f"method {method!r} of parameter {slot}#{method}.{param} is not valid for {op} slot "
+                         f"{slot!r}; choose from: {', '.join(methods_for(op))}")
+    params = method_params(op, method)
+    if param not in params:
+        raise UsageError(f"{method} {op} has no parameter {param!r}"
+                         + (f"; choose from: {', '.join(params)}" if params else " (it declares none)"))
+    if value not in params[param]:
+        raise UsageError(f"{value!r} is not a choice of {slot}#{method}.{param}; "
+                         f"choose from: {', '.join(map(str, params[param]))}")
+
+
 def counts(assignment: Mapping[str, str], slot_ops: Mapping[str, str]) -> dict[str, dict[str, int]]:
-    """Slots per op x method, as in the paper's Table 3 (every method of the op listed, zeros too)."""
+    """Slots per op x method, as in the paper's Table 3 (every method of the op listed, zeros too;
+    method parameters are not counted)."""
     table = {op: {m: 0 for m in methods_for(op, include_float=True)} for op in OPS}
-    for name, method in assignment.items():
+    for name, method in split_assignment(assignment)[0].items():
         table[slot_ops[name]][method] += 1
     return {op: {m: n for m, n in row.items() if m != "float" or n} for op, row in table.items()}
 
 
 def save_assignment(path: str | Path, assignment: Mapping[str, str], **meta: Any) -> None:
-    atomic_write_json(path, {**meta, "slots": dict(assignment)})
+    methods, params = split_assignment(assignment)
+    atomic_write_json(path, {**meta, "slots": methods, **({"params": params} if params else {})})
 
 
 def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -60,11 +92,15 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
     if "slots" in data or "default" in data:
         slots = data.get("slots", {})
         default = data.get("default", {})
-        meta = {k: v for k, v in data.items() if k not in ("slots", "default")}
+        params = data.get("params", {})
+        meta = {k: v for k, v in data.items() if k not in ("slots", "default", "params")}
     else:
-        slots, default, meta = data, {}, {}
-    if not isinstance(slots, dict) or not isinstance(default, dict):
-        raise UsageError(f"assignment file {path}: 'slots' and 'default' must be objects")
+        slots, default, params, meta = data, {}, {}, {}
+    if not isinstance(slots, dict) or not isinstance(default, dict) or not isinstance(params, dict):
+        raise UsageError(f"assignment file {path}: 'slots', 'default' and 'params' must be objects")
+    if any(split_param_key(k) is None for k in params):
+        bad = next(k for k in params if split_param_key(k) is None)
+        raise UsageError(f"assignment file {path}: parameter key {bad!r} is not <slot>#<method>.<param>")
     bad_ops = [op for op in default if op not in OPS]
     if bad_ops:
         raise UsageError(f"assignment file {path}: unknown op {bad_ops[0]!r} in 'default'; choose from: {', '.join(OPS)}")
@@ -75,4 +111,5 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
     if missing:
         raise UsageError(f"assignment file {path} leaves {len(missing)} slots without a method "
                          f"(e.g. {missing[0]!r}); name them or give a per-op 'default'")
-    return {n: resolved[n] for n in slot_ops}, meta
+    validate_assignment(params, slot_ops)
+    return {**{n: resolved[n] for n in slot_ops}, **params}, meta

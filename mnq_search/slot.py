@@ -10,6 +10,10 @@ A slot is a drop-in module: ``slot(x)`` returns a float tensor (on the method's 
 whose scale is left in ``slot.out_scale`` for the attention matmul that follows a Softmax).
 With quantization off (``set_quant(False)`` on the model) it is the float op.
 
+A method may declare per-slot parameters (IndexSoftmax's table size ``K`` and threshold ``T``): the
+slot keeps their values per method (:meth:`NonLinearSlot.set_param`), and an assignment names them
+as ``<slot>#<method>.<param>`` (:func:`param_key`) next to the slot's method.
+
 A recorder (see :mod:`mnq_search.sensitivity`) may be attached: it receives the slot's name, the
 input the op saw (dequantized) and its output.
 """
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import unknown_choice
-from .methods import NONLINEAR_METHODS, make_nonlinear
+from .methods import NONLINEAR_METHODS, get_method_class, make_nonlinear
+from .methods._registry import check_params
 from .quant import ActQuant
 
 FLOAT = "float"
@@ -32,8 +37,30 @@ MASK_SENTINEL = -(2**15)  # integer a masked attention logit takes (Swin): far b
 Recorder = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
+PARAM_SEP = "#"
+
+
 def methods_for(op: str, include_float: bool = False) -> tuple[str, ...]:
     return NONLINEAR_METHODS[op] + ((FLOAT,) if include_float else ())
+
+
+def param_key(slot: str, method: str, param: str) -> str:
+    """The assignment key of a method parameter of a slot: ``blocks.0.attn.softmax#index.K``."""
+    return f"{slot}{PARAM_SEP}{method}.{param}"
+
+
+def split_param_key(key: str) -> tuple[str, str, str] | None:
+    """(slot, method, param) of a parameter key, None for a slot name."""
+    if PARAM_SEP not in key:
+        return None
+    slot, rest = key.split(PARAM_SEP, 1)
+    method, _, param = rest.partition(".")
+    return slot, method, param
+
+
+def method_params(op: str, method: str) -> dict[str, tuple]:
+    """The per-slot parameters ``method`` declares for ``op`` (name -> choices, default first)."""
+    return {} if method == FLOAT else dict(get_method_class(op, method).PARAMS)
 
 
 class NonLinearSlot(nn.Module):
@@ -55,6 +82,7 @@ class NonLinearSlot(nn.Module):
         self.fine_grid = fine_grid
         self.float_module = float_module
         self.method = FLOAT
+        self.params: dict[str, dict] = {}  # method -> parameter values set on this slot
         self.impl: nn.Module | None = None
         self.q_in = ActQuant(16 if op == "layernorm" else bits)
         self.out_scale: torch.Tensor | None = None
@@ -69,10 +97,27 @@ class NonLinearSlot(nn.Module):
         if method == self.method and (self.impl is not None or method == FLOAT):
             return
         self.method = method
+        self._build()
+
+    def set_param(self, method: str, name: str, value) -> None:
+        """Set a parameter of ``method`` on this slot (validated); when the slot runs that method, it
+        is rebuilt (fresh and uncalibrated, as after :meth:`set_method`)."""
+        if method not in methods_for(self.op):
+            raise unknown_choice(f"method for {self.op} slot {self.name}", method, methods_for(self.op))
+        cls = get_method_class(self.op, method)
+        check_params(cls, {name: value})
+        current = self.params.get(method, {}).get(name, cls.PARAMS[name][0])
+        self.params.setdefault(method, {})[name] = value
+        if method == self.method and value != current:
+            self._build()
+
+    def _build(self) -> None:
+        method = self.method
         if method == FLOAT:
             self.impl = None
             return
-        impl = make_nonlinear(self.op, method, self.bits, self.float_module, fine_grid=self.fine_grid)
+        impl = make_nonlinear(self.op, method, self.bits, self.float_module, fine_grid=self.fine_grid,
+                              **self.params.get(method, {}))
         if self.op == "layernorm" and self.float_module is not None:
             # share the float LayerNorm's parameters, so QAT trains one set and the state dict holds
             # them once (under float_module); the method keeps plain references, not registrations
@@ -112,4 +157,6 @@ class NonLinearSlot(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, op={self.op}, method={self.method}, bits={self.bits}"
+        params = self.params.get(self.method)
+        return (f"name={self.name!r}, op={self.op}, method={self.method}, bits={self.bits}"
+                + (f", params={params}" if params else ""))

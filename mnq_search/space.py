@@ -2,9 +2,11 @@
 
 Each :class:`Variable` has a name (unique in the space), a kind, its choices and its default. A
 kind (:class:`VariableKind`, registered by name) says how values of that kind are applied to a
-converted model and where they go in the assignment file. Today's kind is ``method`` (one per
-non-linear slot: the integer method of the slot, choices from the method registry); bit-widths and
-group counts per layer are further kinds. Strategies, objectives, the Optuna study and the cost
+converted model and where they go in the assignment file. The kinds today are ``method`` (one per
+non-linear slot: the integer method of the slot, choices from the method registry) and ``param``
+(a per-slot parameter of a method, e.g. IndexSoftmax's table size, named
+``<slot>#<method>.<param>``, default its first choice; it acts only while the slot runs that
+method); bit-widths and group counts per layer are further kinds. Strategies, objectives, the Optuna study and the cost
 model read the space instead of op lists.
 
 An assignment is a mapping ``variable name -> value``; for method variables the name is the slot's
@@ -108,6 +110,37 @@ def _method_variables(slot_ops: Mapping[str, str], families: tuple[str, ...] | N
 register_kind(_MethodKind())
 
 
+class _ParamKind(VariableKind):
+    """The per-slot parameters of the methods a slot may take (IndexSoftmax's ``K`` and ``T``),
+    named ``<slot>#<method>.<param>``; a parameter acts only while its slot runs its method."""
+
+    name = "param"
+    file_key = "params"
+
+    def variables(self, qmodel, families=None):
+        return _param_variables(qmodel.slot_ops(), families)
+
+    def apply(self, qmodel, values):
+        qmodel.set_assignment(dict(values))
+
+
+def _param_variables(slot_ops: Mapping[str, str], families: tuple[str, ...] | None) -> list[Variable]:
+    from .methods import NONLINEAR_METHODS
+    from .slot import method_params, param_key
+
+    out = []
+    for slot, op in slot_ops.items():
+        for method in NONLINEAR_METHODS[op]:
+            if families is not None and method not in families:
+                continue
+            for param, choices in method_params(op, method).items():
+                out.append(Variable(param_key(slot, method, param), "param", tuple(choices), choices[0], slot))
+    return out
+
+
+register_kind(_ParamKind())
+
+
 class SearchSpace:
     """An ordered collection of variables (see the module docstring)."""
 
@@ -118,10 +151,10 @@ class SearchSpace:
         self._vars = {v.name: v for v in variables}
 
     @classmethod
-    def from_model(cls, qmodel: QuantModel, kinds: tuple[str, ...] = ("method",),
+    def from_model(cls, qmodel: QuantModel, kinds: tuple[str, ...] = ("method", "param"),
                    families: tuple[str, ...] | None = None) -> "SearchSpace":
         """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot, from
-        ``families`` or every registered family)."""
+        ``families`` or every registered family, and the per-slot parameters of those methods)."""
         out: list[Variable] = []
         for k in kinds:
             if k not in _KINDS:
@@ -131,8 +164,8 @@ class SearchSpace:
 
     @classmethod
     def of_slots(cls, slot_ops: Mapping[str, str], families: tuple[str, ...] | None = None) -> "SearchSpace":
-        """Method variables for the slots ``slot_ops`` (no model needed)."""
-        return cls(_method_variables(slot_ops, families))
+        """Method variables for the slots ``slot_ops``, and their methods' parameters (no model needed)."""
+        return cls(_method_variables(slot_ops, families) + _param_variables(slot_ops, families))
 
     def __iter__(self) -> Iterator[Variable]:
         return iter(self._vars.values())
@@ -179,8 +212,31 @@ class SearchSpace:
             _KINDS[kind].apply(qmodel, {v.name: values[v.name] for v in self.variables(kind) if v.name in values})
 
     def random(self, rng: _random.Random) -> dict[str, Any]:
-        """One uniformly random choice per variable, drawn in the space's order."""
-        return {v.name: rng.choice(v.choices) for v in self}
+        """One uniformly random choice per variable, drawn in the space's order (the parameters of
+        methods a slot did not draw are drawn too, then left out: :meth:`active`)."""
+        return self.active({v.name: rng.choice(v.choices) for v in self})
+
+    def active(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` without the method parameters whose slot does not take their method."""
+        from .slot import split_param_key
+
+        out = {}
+        for name, value in values.items():
+            key = split_param_key(name)
+            if key is None or values.get(key[0]) == key[1]:
+                out[name] = value
+        return out
+
+    def complete(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """:meth:`active` ``values`` with the defaults of the parameters they leave out (a
+        strategy that picks only methods runs them with their default parameters)."""
+        from .slot import split_param_key
+
+        out = self.active(values)
+        for var in self:
+            if var.kind == "param" and var.name not in out and out.get(var.group) == split_param_key(var.name)[1]:
+                out[var.name] = var.default
+        return out
 
     def sections(self, values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """The assignment file's sections (``{"slots": {...}}``) for ``values``."""

@@ -114,6 +114,17 @@ class StudySpec:
         return out
 
 
+def _parses(strategy: str) -> bool:
+    """A strategy with a free argument (``unified:0.5,0.5,0``) that parses."""
+    from strategies import get_strategy
+
+    try:
+        get_strategy(strategy)
+    except UsageError:
+        return False
+    return ":" in strategy
+
+
 def _check_group(g: dict, path: Path, valid_strategies: set[str], searches: dict) -> dict:
     import timm
 
@@ -140,7 +151,7 @@ def _check_group(g: dict, path: Path, valid_strategies: set[str], searches: dict
         if name == "optuna" and arg:
             if arg not in searches:
                 raise UsageError(f"study spec {path}: strategy {s!r} names no [search.{arg}] table")
-        elif s not in valid_strategies:
+        elif s not in valid_strategies and not _parses(s):
             raise UsageError(f"study spec {path}: unknown strategy {s!r}; choose from: {', '.join(sorted(valid_strategies))}")
     if any(not isinstance(e, int) or e < 0 for e in g.get("qat_epochs", [0])):
         raise UsageError(f"study spec {path}: qat_epochs must be integers >= 0")

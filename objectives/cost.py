@@ -42,6 +42,7 @@ from mnq_search.io import read_json
 from mnq_search.methods import COST_KINDS as KINDS
 from mnq_search.methods import COST_SECTIONS as SECTIONS
 from mnq_search.methods import OPS, get_family
+from mnq_search.plan import split_assignment
 from mnq_search.slot import methods_for
 
 from ._base import Objective
@@ -166,7 +167,7 @@ class CostObjective(Objective):
     def evaluate(self, assignment, ctx=None, trial=None, slot_ops: Mapping[str, str] | None = None) -> float:
         slot_ops = slot_ops if slot_ops is not None else ctx.slot_ops
         total = 0.0
-        for slot, method in assignment.items():
+        for slot, method in split_assignment(assignment)[0].items():  # method parameters cost nothing
             per_elem, per_row = method_cost(self.table, slot_ops[slot], method)
             elems, rows = (self.geometry or {}).get(slot, (1, 1))
             total += elems * per_elem + rows * per_row

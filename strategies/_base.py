@@ -38,11 +38,16 @@ class Strategy(ABC):
     description: ClassVar[str] = ""
     needs_sensitivity: ClassVar[bool] = False
     arg_choices: ClassVar[tuple[str, ...]] = ()  # non-empty: the strategy takes ``name:arg``
+    free_arg: ClassVar[bool] = False  # True: ``name`` or ``name:<anything check_arg accepts>``
 
     @classmethod
     def choices(cls) -> tuple[str, ...]:
         """The arguments ``name:arg`` accepts (default: :attr:`arg_choices`; empty: no argument)."""
         return cls.arg_choices
+
+    @classmethod
+    def check_arg(cls, arg: str) -> None:
+        """For a ``free_arg`` strategy: raise a one-line UsageError when ``arg`` is not valid."""
 
     def __init__(self, arg: str | None = None):
         self.arg = arg

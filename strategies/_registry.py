@@ -38,6 +38,8 @@ def get_strategy(spec: str) -> Strategy:
         if arg not in cls.choices():
             raise unknown_choice(f"argument of strategy {name}", arg or "(none)",
                                  [f"{name}:{a}" for a in cls.choices()])
+    elif arg and cls.free_arg:
+        cls.check_arg(arg)
     elif arg:
         raise UsageError(f"strategy {name!r} takes no argument (got {spec!r})")
     return cls(arg or None)

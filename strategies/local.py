@@ -14,6 +14,10 @@ The paper's rules score every slot on its own; these score assignments.
   the lowest validation KL: the best that mixing at the level of op types can do, a reference for
   how much per-slot mixing adds.
 
+Methods with per-slot parameters (the ``index`` softmax's ``K`` and ``T``): ``sequential`` tries each
+parameter of a slot's chosen method in turn, ``coordinate`` treats them as further coordinates while
+the slot takes their method, ``per_op`` keeps their defaults.
+
 All are deterministic (ties go to the earlier method of the registry) and cheap: candidates that
 differ in one slot are recomputed from that slot's transformer block on
 (:class:`mnq_search.incremental.IncrementalEvaluator`). Each reports its trace in ``search.json``.
@@ -27,12 +31,19 @@ import time
 from mnq_search.context import RunContext
 from mnq_search.incremental import evaluator_for
 from mnq_search.methods import OPS, list_families, uniform_assignment
+from mnq_search.slot import split_param_key
+from mnq_search.space import SearchSpace, Variable
 
 from ._base import Strategy, StrategyResult
 from ._registry import register_strategy
 
 MAX_PASSES = 3
 TOL = 1e-12  # a switch must lower the KL by more than float noise
+
+
+def param_variables(space: SearchSpace, slot: str, method: str) -> list[Variable]:
+    """The parameter variables of ``method`` on ``slot`` (none for the built-in families)."""
+    return [v for v in space.variables("param") if v.group == slot and split_param_key(v.name)[1] == method]
 
 
 class _ValidationStrategy(Strategy):
@@ -71,6 +82,10 @@ class SequentialStrategy(_ValidationStrategy):
             scores = {m: ev.score(dict(current, **{var.name: m})) for m in var.choices}
             current[var.name] = min(scores, key=lambda m: (scores[m], var.choices.index(m)))
             trace.append({"slot": var.name, "kl": scores})
+            for pv in param_variables(ctx.search_space, var.name, current[var.name]):  # then its parameters
+                scores = {v: ev.score(dict(current, **{pv.name: v})) for v in pv.choices}
+                current[pv.name] = min(scores, key=lambda v: (scores[v], pv.choices.index(v)))
+                trace.append({"slot": pv.name, "kl": {str(k): v for k, v in scores.items()}})
         final = ev.score(current)
         start, start_kl, family = self.best_uniform(ev, ctx)
         fallback = start_kl < final
@@ -78,7 +93,7 @@ class SequentialStrategy(_ValidationStrategy):
                      "kl_sequence": final, "best_uniform": family, "kl_best_uniform": start_kl,
                      "returned_best_uniform": fallback, "evaluations": ev.evaluations, "units_run": ev.units_run,
                      "units_per_full_pass": len(ev.units), "seconds": round(time.perf_counter() - t, 1), "trace": trace}
-        return start if fallback else current
+        return start if fallback else ctx.search_space.active(current)
 
 
 @register_strategy("coordinate")
@@ -93,17 +108,21 @@ class CoordinateStrategy(_ValidationStrategy):
         for passes in range(1, MAX_PASSES + 1):
             changed = False
             for var in ctx.search_space.variables("method"):
-                for m in var.choices:
-                    if m == current[var.name]:
-                        continue
-                    cand = dict(current, **{var.name: m})
-                    cand_kl = ev.score(cand)
-                    if cand_kl < kl - TOL:
-                        switches.append({"pass": passes, "slot": var.name, "from": current[var.name], "to": m,
-                                         "kl": cand_kl})
-                        current, kl, changed = cand, cand_kl, True
+                for v in [var] + [pv for m in var.choices for pv in param_variables(ctx.search_space, var.name, m)]:
+                    if v.kind == "param" and current[var.name] != split_param_key(v.name)[1]:
+                        continue  # a parameter of a method the slot does not take
+                    for m in v.choices:
+                        if m == current.get(v.name, v.default):
+                            continue
+                        cand = dict(current, **{v.name: m})
+                        cand_kl = ev.score(cand)
+                        if cand_kl < kl - TOL:
+                            switches.append({"pass": passes, "slot": v.name, "from": current.get(v.name, v.default),
+                                             "to": m, "kl": cand_kl})
+                            current, kl, changed = cand, cand_kl, True
             if not changed:
                 break
+        current = ctx.search_space.active(current)
         self.info = {"objective": "validation KL (nats per image)", "val_images": ev.n_val, "start": family,
                      "kl_start": start_kl, "kl": kl, "passes": passes, "switches": switches,
                      "evaluations": ev.evaluations, "units_run": ev.units_run, "units_per_full_pass": len(ev.units),

@@ -32,6 +32,7 @@ from typing import Any
 
 from mnq_search.errors import UsageError
 from mnq_search.plan import counts
+from mnq_search.slot import split_param_key
 from mnq_search.search import SearchOptions, make_pruner, make_sampler
 from mnq_search.search import (StudySpec, claim_budget, default_storage_url, mask_url, open_storage,
                                      open_study, parse_storage, run_worker, tally)
@@ -56,12 +57,23 @@ def warm_starts(ctx: RunContext, names: list[str] | tuple[str, ...] | None) -> l
     out: dict[tuple[str, ...], tuple[dict, list[str]]] = {}
     space = ctx.search_space
     for name in default_warm_starts() if names is None else names:
-        assignment = get_strategy(name).select(ctx)
+        assignment = space.complete(get_strategy(name).select(ctx))
         if any(v not in space[s].choices for s, v in assignment.items()):
             continue  # a family the run does not offer (--families)
-        key = tuple(assignment[s] for s in ctx.slot_ops)
+        key = tuple(sorted((k, str(v)) for k, v in assignment.items()))
         out.setdefault(key, (assignment, []))[1].append(name)
     return list(out.values())
+
+
+def suggest(trial, space) -> dict:
+    """One value per variable of ``space``, a method parameter only where its slot takes its method
+    (a conditional parameter, as Optuna's define-by-run spaces allow)."""
+    out: dict = {}
+    for var in space:
+        if var.kind == "param" and out.get(var.group) != split_param_key(var.name)[1]:
+            continue
+        out[var.name] = trial.suggest_categorical(var.name, list(var.choices))
+    return out
 
 
 class _TrialFunction:
@@ -72,8 +84,7 @@ class _TrialFunction:
 
     def __call__(self, trial) -> float | list[float]:
         claim_budget(trial, self.n_trials)
-        assignment = {var.name: trial.suggest_categorical(var.name, list(var.choices))
-                      for var in self.ctx.search_space}
+        assignment = suggest(trial, self.ctx.search_space)
         same = self._same_as(trial, assignment)
         if same is not None:
             trial.set_user_attr("same_as", same.number)

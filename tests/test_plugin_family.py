@@ -25,7 +25,7 @@ def exact_family():
 
 
 def test_a_family_from_one_file_reaches_sensitivity_strategies_cost_and_report(exact_family, tmp_path, capsys):
-    assert list_families() == ("ibert", "fqvit", "ivit", "exact")
+    assert list_families() == ("ibert", "fqvit", "ivit", "index", "polyfit", "exact")
     assert all("exact" in NONLINEAR_METHODS[op] for op in NONLINEAR_METHODS)
     ckpt = make_checkpoint(tmp_path / "tiny.safetensors")
     assert main(["list", "strategies"]) == 0 and "uniform:exact" in capsys.readouterr().out

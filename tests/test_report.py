@@ -20,6 +20,7 @@ from PIL import Image
 
 from mnq_search.cli import main
 from mnq_search.io import save_weights
+from mnq_search.methods import NONLINEAR_METHODS
 from mnq_search.report import pick_slots
 from mnq_search.report._qat import top1_per_epoch
 from mnq_search.zoo import create_zoo_model
@@ -191,7 +192,7 @@ def test_table3_counts_each_run(report, tree):
             assert int(rows["run-sqnr_diff"][f"{op}.{method}"]) == n
     assert rows["qat/sqnr_diff"]["gelu.ivit"] == "12" and "gelu.fqvit" not in rows["qat/sqnr_diff"]
     markdown = (report / "table3_counts.md").read_text()
-    assert "| Softmax I-BERT | Softmax FQ-ViT | Softmax I-ViT | GELU I-BERT | GELU I-ViT |" in markdown
+    assert "| Softmax I-BERT | Softmax FQ-ViT | Softmax I-ViT | Softmax IndexSoftmax | GELU I-BERT | GELU I-ViT |" in markdown
 
 
 def test_table4_top1_per_strategy_and_bits(report, tree):
@@ -225,7 +226,7 @@ def test_slots_option_picks_the_histogram_slots(tree, tmp_path, capsys):
                               "--out", tmp_path / "r"], capsys)
     assert code == 0, err
     table = (tmp_path / "r" / "index.html").read_text().split('<table class="fig2">')[1].split("</table>")[0]
-    assert re.findall(r"<tr><td>[^<]*</td><td>([^<]+)</td><td>([^<]+)</td>", table) == [(gelu, "ibert"), (gelu, "ivit")]
+    assert re.findall(r"<tr><td>[^<]*</td><td>([^<]+)</td><td>([^<]+)</td>", table) == [(gelu, m) for m in NONLINEAR_METHODS["gelu"]]
     assert "wrote " in out and (tmp_path / "r" / f"fig2_{MODEL}_8bit.png").is_file()
 
 

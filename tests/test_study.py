@@ -97,6 +97,7 @@ nl_bits = [6]
 strategies = ["uniform:ibert", "uniform:ivit", "random", "coordinate"]
 random_seeds = [0, 1]
 [run]
+families = ["ibert", "fqvit", "ivit"]
 checkpoint = "{ckpt}"
 calib_size = 8
 eval_size = 40

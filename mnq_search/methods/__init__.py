@@ -27,6 +27,9 @@ from ._registry import register_method as register_method
 from . import ibert as ibert  # noqa: E402
 from . import fqvit as fqvit  # noqa: E402
 from . import ivit as ivit  # noqa: E402
+# newer families (issue 13): IntAttention's table softmax, IPTQ-ViT's data-fitted GELU
+from . import index as index  # noqa: E402
+from . import polyfit as polyfit  # noqa: E402
 
 __all__ = ["AffineLayerNorm", "COST_KINDS", "COST_SECTIONS", "Family", "NONLINEAR_METHODS", "NonLinearMethod", "OPS",
            "get_family", "get_method_class", "list_families", "make_nonlinear", "register_family", "register_method",

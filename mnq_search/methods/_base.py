@@ -118,11 +118,14 @@ class NonLinearMethod(nn.Module):
 
     Subclasses set ``op`` and ``family`` (filled in by :func:`register_method`), ``in_bits``
     (the input width the converter gives the slot) and implement :meth:`kernel` and
-    :meth:`float_op`.
+    :meth:`float_op`; a method with per-slot parameters declares them in :attr:`PARAMS`.
     """
 
     op: ClassVar[str] = ""
     family: ClassVar[str] = ""
+    #: per-slot parameters a method declares as search variables: name -> choices (the first is the
+    #: default); the constructor takes them as keyword arguments (IndexSoftmax's ``K`` and ``T``)
+    PARAMS: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, bits: int = 8, float_module: nn.Module | None = None, fine_grid: bool = False):
         super().__init__()

@@ -139,7 +139,7 @@ def get_method_class(op: str, method: str) -> type[NonLinearMethod]:
 
 
 def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module | None = None,
-                   fine_grid: bool = False) -> NonLinearMethod:
+                   fine_grid: bool = False, **params) -> NonLinearMethod:
     """Build the integer ``method`` for ``op``.
 
     Args:
@@ -148,9 +148,10 @@ def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module 
         bits: the model's activation bit-width (4..8).
         float_module: for LayerNorm, the ``nn.LayerNorm`` to copy (weight, bias, eps).
         fine_grid: exp/erf kernels on a grid no coarser than 2**-6 (see :class:`NonLinearMethod`).
+        params: the method's per-slot parameters (:attr:`NonLinearMethod.PARAMS`), e.g. ``K=16``.
 
     Raises:
-        ValueError: unknown op, method or bits; the message names the valid choices.
+        ValueError: unknown op, method, bits or parameter value; the message names the valid choices.
 
     Example:
         >>> import torch
@@ -162,4 +163,16 @@ def make_nonlinear(op: str, method: str, bits: int = 8, float_module: nn.Module 
         >>> bool(((y / s_y) == (y / s_y).round()).all())
         True
     """
-    return get_method_class(op, method)(bits=bits, float_module=float_module, fine_grid=fine_grid)
+    cls = get_method_class(op, method)
+    check_params(cls, params)
+    return cls(bits=bits, float_module=float_module, fine_grid=fine_grid, **params)
+
+
+def check_params(cls: type[NonLinearMethod], params: Mapping[str, object]) -> None:
+    """One-line UsageError for a parameter ``cls`` does not declare or a value outside its choices."""
+    for name, value in params.items():
+        if name not in cls.PARAMS:
+            raise unknown_choice(f"parameter of {cls.family} {cls.op}", name, tuple(cls.PARAMS) or ("(none)",))
+        if value not in cls.PARAMS[name]:
+            raise UsageError(f"{value!r} is not a choice of {cls.family} {cls.op} parameter {name!r}; "
+                             f"choose from: {', '.join(map(str, cls.PARAMS[name]))}")

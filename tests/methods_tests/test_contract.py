@@ -28,7 +28,7 @@ def calibrate(mod, x, s):
 
 
 def test_public_contract():
-    assert NONLINEAR_METHODS == {"softmax": ("ibert", "fqvit", "ivit"), "gelu": ("ibert", "ivit"),
+    assert NONLINEAR_METHODS == {"softmax": ("ibert", "fqvit", "ivit", "index"), "gelu": ("ibert", "ivit", "polyfit"),
                                  "layernorm": ("ibert", "fqvit", "ivit")}
 
 
@@ -102,6 +102,9 @@ def test_output_on_grid_and_in_range(op, method):
             # each probability is rounded to the nearest power of two in the log domain (a factor
             # of at most sqrt(2) either way); the smallest ones (below 2**-15) become 0
             assert (total >= 2**-0.5 - n * 2.0**-15).all() and (total <= 2**0.5).all()
+        elif method == "index":
+            # each probability rounded (half up) to the output grid: the row sum is 1 +- n s_y / 2
+            assert ((total - 1.0).abs() <= n * float(s_y) / 2 + 1e-6).all()
         else:
             # normalizing by the sum of the same approximated exponentials, then flooring each
             # probability to the output grid: the row sum lies in [1 - n * s_y, 1]

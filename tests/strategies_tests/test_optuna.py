@@ -76,7 +76,7 @@ def test_warm_starts_are_the_first_trials(base, tmp_path):
     ctx = make_ctx(base, tmp_path)
     expected = {}
     for name in default_warm_starts():
-        a = get_strategy(name).select(ctx)
+        a = ctx.search_space.complete(get_strategy(name).select(ctx))  # with default parameters
         expected.setdefault(json.dumps(a, sort_keys=True), []).append(name)
     assert {"uniform:ibert", "uniform:fqvit", "uniform:ivit", "sqnr_diff"} <= set(default_warm_starts())
     n_warm = len(expected)
