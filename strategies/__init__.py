@@ -16,5 +16,6 @@ from . import greedy as greedy  # noqa: E402
 from . import random as random  # noqa: E402
 from . import local as local  # noqa: E402
 from . import optuna_joint as optuna_joint  # noqa: E402
+from . import unified as unified  # noqa: E402
 
 __all__ = ["Strategy", "StrategyResult", "get_strategy", "list_strategies", "register_strategy"]
