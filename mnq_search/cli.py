@@ -258,7 +258,7 @@ def _search_options(args):
 
 
 def _cmd_run(args) -> int:
-    from .preflight import check_input_file, check_output_dir, check_output_file, check_storage
+    from .preflight import check_checkpoint, check_output_dir, check_output_file, check_storage
 
     # the checks that need no model, before the heavy imports (torch, the model code)
     check_output_dir(args.out)
@@ -268,7 +268,7 @@ def _cmd_run(args) -> int:
     if args.sensitivity_cache:
         check_output_file(args.sensitivity_cache, "--sensitivity-cache")
     if args.checkpoint:
-        check_input_file(args.checkpoint, "--checkpoint")
+        check_checkpoint(args.checkpoint)
     from .pipeline import preflight_run, run
 
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
@@ -290,13 +290,13 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .preflight import check_input_file, check_output_file
+    from .preflight import check_checkpoint, check_input_file, check_output_file
 
     check_input_file(args.assignment, "--assignment")
     if args.results_file:
         check_output_file(args.results_file, "--results-file")
     if args.checkpoint:
-        check_input_file(args.checkpoint, "--checkpoint")
+        check_checkpoint(args.checkpoint)
     from .pipeline import evaluate_assignment
 
     res = evaluate_assignment(args.assignment, _settings(args), args.results_file,
@@ -307,6 +307,11 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_qat(args) -> int:
+    from .preflight import check_checkpoint, check_input_file
+
+    check_input_file(args.assignment, "--assignment")
+    if getattr(args, "checkpoint", None):
+        check_checkpoint(args.checkpoint)
     from .pipeline import qat_job
     from .qat import QATConfig
 

@@ -50,6 +50,47 @@ def check_input_file(path: str | Path, flag: str) -> None:
         raise UsageError(f"{flag} {path} cannot be read")
 
 
+def check_checkpoint(path: str | Path, flag: str = "--checkpoint") -> None:
+    """The checkpoint is a readable file in a format the loader takes, sniffed without torch: a
+    safetensors file's header (8-byte length, then a JSON object that fits in the file and whose
+    tensors' byte ranges do too), or torch.save's zip or legacy pickle container. The tensors
+    themselves are read later, by the pipeline (:func:`mnq_search.io.load_state_dict`)."""
+    import json
+    import struct
+
+    check_input_file(path, flag)
+    p = Path(path)
+    size = p.stat().st_size
+    with open(p, "rb") as fh:
+        head = fh.read(8)
+        if p.suffix == ".safetensors":
+            problem = None
+            if len(head) < 8:
+                problem = "shorter than a safetensors header"
+            else:
+                (n,) = struct.unpack("<Q", head)
+                if n == 0 or n > size - 8:
+                    problem = f"header length {n} does not fit in the file ({size} bytes)"
+                else:
+                    try:
+                        header = json.loads(fh.read(n))
+                    except (UnicodeDecodeError, ValueError):
+                        header = None
+                    if not isinstance(header, dict):
+                        problem = "header is not a JSON object"
+                    else:
+                        ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
+                                if k != "__metadata__" and isinstance(v, dict)]
+                        if ends and max(ends) > size - 8 - n:
+                            problem = "tensor data extends past the end of the file"
+            if problem:
+                raise UsageError(f"checkpoint {path} is corrupt or not safetensors: {problem}")
+            return
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UsageError(f"checkpoint {path} is corrupt or not a torch checkpoint: neither torch.save's zip "
+                         "nor pickle format (or give a .safetensors file)")
+
+
 def check_storage(url: str, connect_timeout_s: int = 3) -> None:
     """The storage URL parses; for a database its driver imports and a server answers within
     ``connect_timeout_s``; for SQLite and journal files the file's folder can be written. Nothing is

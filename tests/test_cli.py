@@ -15,6 +15,8 @@ from PIL import Image
 
 from mnq_search.cli import main
 from mnq_search.io import save_weights
+from mnq_search.methods import NONLINEAR_METHODS
+from strategies import list_strategies
 from mnq_search.zoo import create_zoo_model
 
 FAST = ["--calib-size", "16", "--eval-size", "40", "--batch-size", "20", "--quiet"]
@@ -42,13 +44,12 @@ def test_run_writes_the_three_files(ckpt, tmp_path, capsys):
     result = json.loads((out / "result.json").read_text())
     rows = list(csv.DictReader((out / "sensitivity.csv").open()))
     assert len(assignment["slots"]) == 49 and assignment["strategy"] == "sqnr_diff"
-    # one row per slot and method valid for its op: 12*3 softmax + 12*2 gelu + 25*3 layernorm
-    assert len(rows) == 12 * 3 + 12 * 2 + 25 * 3
-    assert {r["method"] for r in rows if r["op"] == "gelu"} == {"ibert", "ivit"}
+    # one row per slot and method valid for its op: 12*4 softmax + 12*3 gelu + 25*3 layernorm
+    assert len(rows) == 12 * len(NONLINEAR_METHODS["softmax"]) + 12 * len(NONLINEAR_METHODS["gelu"]) + 25 * 3
+    assert {r["method"] for r in rows if r["op"] == "gelu"} == {"ibert", "ivit", "polyfit"}
     for r in rows:
         assert float(r["sqnr_diff"]) == pytest.approx(float(r["asqnr_out"]) - float(r["asqnr_in"]), abs=2e-4)
-    assert result["counts"]["softmax"]["ibert"] + result["counts"]["softmax"]["fqvit"] + \
-        result["counts"]["softmax"]["ivit"] == 12
+    assert sum(result["counts"]["softmax"].values()) == 12
     assert result["slots"] == {"softmax": 12, "gelu": 12, "layernorm": 25}
     assert result["eval_images"] == 40 and 0 <= result["top1_quant"] <= 100
     assert "top-1 FP" in stdout and "fixed seeded subset of 40" in stdout
@@ -138,6 +139,8 @@ def _bad_cases(tmp_path, ckpt):
     corrupt.write_bytes(b"\x00\x01 not a checkpoint at all")
     corrupt_pt = tmp_path / "corrupt.pth"
     corrupt_pt.write_bytes(b"PK\x03\x04 truncated zip")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(Path(ckpt).read_bytes()[:-100])
     empty = tmp_path / "empty"
     (empty / "val" / "c0").mkdir(parents=True)
     bad_assign = tmp_path / "bad.json"
@@ -157,6 +160,7 @@ def _bad_cases(tmp_path, ckpt):
         "missing checkpoint": (["run", "--checkpoint", str(tmp_path / "nope.safetensors")], "nope.safetensors not found"),
         "corrupt checkpoint": (["run", "--checkpoint", str(corrupt)], "corrupt"),
         "corrupt torch checkpoint": (["run", "--checkpoint", str(corrupt_pt)], "corrupt"),
+        "truncated safetensors": (["run", "--checkpoint", str(truncated)], "data extends past the end"),
         "timm name without weights": (["run", "--model", "deit_tiny_patch16_224"], "needs local weights"),
         "missing data": (["run", "--data", "fmnist:/nonexistent", *c], "Fashion-MNIST not found"),
         "missing image folder": (["run", "--data", f"imagefolder:{tmp_path / 'nope'}", *c], "not found"),
@@ -193,9 +197,9 @@ def test_every_bad_input_exits_2_with_one_line_and_no_output(ckpt, tmp_path, cap
 
 
 def test_list_commands(capsys):
-    assert run_cli(["list", "strategies"], capsys)[1].count("\n") == 12
+    assert run_cli(["list", "strategies"], capsys)[1].count("\n") == len(list_strategies())
     out = run_cli(["list", "methods"], capsys)[1]
-    assert "gelu       ibert, ivit" in out
+    assert "gelu       ibert, ivit, polyfit" in out
     assert "fmnist-deit-tiny" in run_cli(["list", "models"], capsys)[1]
 
 
