@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="choose a method per slot with a strategy and evaluate it",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategy", default=RunConfig.strategy,
-                   help="strategy name (mnq-search list strategies) (default: sqnr_diff)")
+                   help="strategy name (mnq-search list strategies) (default: sqnr_output)")
     p.add_argument("--out", default=RunConfig.out, help="output folder (default: runs/default)")
     p.add_argument("--asqnr-form", default="amplitude", choices=("amplitude", "eq10"),
                    help="ASQNR form: per-sample amplitude ratio, or the paper's Eq. 10 as printed (default: amplitude)")
@@ -258,7 +258,7 @@ def _search_options(args):
 
 
 def _cmd_run(args) -> int:
-    from .preflight import check_checkpoint, check_output_dir, check_output_file, check_storage
+    from .preflight import check_checkpoint, check_data_spec, check_output_dir, check_output_file, check_storage
 
     # the checks that need no model, before the heavy imports (torch, the model code)
     check_output_dir(args.out)
@@ -269,6 +269,7 @@ def _cmd_run(args) -> int:
         check_output_file(args.sensitivity_cache, "--sensitivity-cache")
     if args.checkpoint:
         check_checkpoint(args.checkpoint)
+    check_data_spec(args.data, getattr(args, "download", False))
     from .pipeline import preflight_run, run
 
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
@@ -290,13 +291,14 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .preflight import check_checkpoint, check_input_file, check_output_file
+    from .preflight import check_checkpoint, check_data_spec, check_input_file, check_output_file
 
     check_input_file(args.assignment, "--assignment")
     if args.results_file:
         check_output_file(args.results_file, "--results-file")
     if args.checkpoint:
         check_checkpoint(args.checkpoint)
+    check_data_spec(args.data, getattr(args, "download", False))
     from .pipeline import evaluate_assignment
 
     res = evaluate_assignment(args.assignment, _settings(args), args.results_file,
@@ -307,11 +309,12 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_qat(args) -> int:
-    from .preflight import check_checkpoint, check_input_file
+    from .preflight import check_checkpoint, check_data_spec, check_input_file
 
     check_input_file(args.assignment, "--assignment")
     if getattr(args, "checkpoint", None):
         check_checkpoint(args.checkpoint)
+    check_data_spec(getattr(args, "data", None), getattr(args, "download", False))
     from .pipeline import qat_job
     from .qat import QATConfig
 

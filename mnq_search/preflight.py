@@ -91,6 +91,25 @@ def check_checkpoint(path: str | Path, flag: str = "--checkpoint") -> None:
                          "nor pickle format (or give a .safetensors file)")
 
 
+def check_data_spec(spec: str | None, download: bool = False) -> None:
+    """The form of ``--data`` and, for a folder it names, that the folder exists (the images are read
+    later; Fashion-MNIST's search order is the data module's)."""
+    if not spec:
+        return
+    kind, _, path = spec.partition(":")
+    if kind == "imagefolder":
+        if not path:
+            raise UsageError("--data imagefolder:PATH needs a path")
+        if not Path(path).is_dir():
+            raise UsageError(f"image folder not found: {path}")
+    elif kind == "fmnist":
+        if path and not download and not Path(path).exists():
+            raise UsageError(f"Fashion-MNIST not found in {path}: give the folder of its idx files, or "
+                             "--download to fetch it there with torchvision")
+    else:
+        raise UsageError(f"unknown data spec {spec!r}; use fmnist, fmnist:PATH or imagefolder:PATH")
+
+
 def check_storage(url: str, connect_timeout_s: int = 3) -> None:
     """The storage URL parses; for a database its driver imports and a server answers within
     ``connect_timeout_s``; for SQLite and journal files the file's folder can be written. Nothing is
