@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="timed calls per measurement (median; the reference paths get a quarter)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (see the module docstring)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated families to measure (default: all; the output files get their names)")
     args = p.parse_args(argv)
+    only = None if args.methods is None else set(args.methods.split(","))
     keep_freed_memory()  # as the CLI does
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         x, s_x = realistic_input(op, 8, **shapes(args.batch)[op])
         x, s_x = x.to(device), s_x.to(device)
         for method in methods:
+            if only is not None and method not in only:
+                continue
             rows.append(bench_method(op, method, x, s_x, args))
             print(f"  done: {op} {method}", file=sys.stderr, flush=True)
 
@@ -196,8 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     table = markdown(meta, rows)
     print(table, end="")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_atomic(RESULTS / f"methods_{device.type}.md", table)
-    write_atomic(RESULTS / f"methods_{device.type}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    stem = f"methods_{device.type}" + ("" if only is None else "_" + "_".join(sorted(only)))
+    write_atomic(RESULTS / f"{stem}.md", table)
+    write_atomic(RESULTS / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
