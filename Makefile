@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 OUT ?= runs/default
-STRATEGY ?= sqnr_diff
+STRATEGY ?= sqnr_output
 
 .PHONY: setup run test bench clean
 

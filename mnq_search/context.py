@@ -37,7 +37,7 @@ class RunSettings:
     ``--strategy optuna``). :meth:`validate` checks every value once; the layers below trust them.
     """
 
-    strategy: str = "sqnr_diff"
+    strategy: str = "sqnr_output"  # the best rule of the study that needs no validation images (README)
     model: str | None = None
     checkpoint: str | None = None
     num_classes: int | None = None  # None: the checkpoint's classifier decides
