@@ -36,7 +36,7 @@ from mnq_search.incremental import evaluator_for
 from ._registry import register_strategy
 from .local import _ValidationStrategy
 
-DEFAULT_WEIGHTS = (0.2, 0.7, 0.1)
+DEFAULT_WEIGHTS = (0.5, 0.2, 0.3)  # chosen on held-out validation images: BENCHMARKS.md, section 1c
 TERMS = ("asqnr_out", "kl", "cost")
 
 
@@ -50,7 +50,7 @@ def parse_weights(arg: str | None) -> tuple[float, float, float]:
         w = ()
     if len(w) != 3 or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
         raise UsageError(f"unified:{arg}: give three weights w_sqnr,w_kl,w_cost (numbers >= 0, not all 0), "
-                         "e.g. unified:0.2,0.7,0.1")
+                         "e.g. unified:0.5,0.2,0.3")
     total = sum(w)
     return tuple(v / total for v in w)  # type: ignore[return-value]
 
