@@ -71,7 +71,7 @@ def main() -> None:
         base = uniform_assignment(info["base"], ctx.slot_ops)
         calib = [x for x, _ in ctx.calib_batches()]
         val = [x for x, _ in ctx.validation_batches(args.val_size + args.heldout)]
-        held = torch_cat_skip(val, args.val_size)
+        held = skip_images(val, args.val_size)
         ev = IncrementalEvaluator(copy.deepcopy(ctx.qmodel), ctx.model, calib, held, ctx.device)
         kl_base = ev.score(base)
         seen: dict[str, float] = {}
@@ -105,7 +105,7 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def torch_cat_skip(batches, skip: int):
+def skip_images(batches, skip: int):
     """The batches after the first ``skip`` images."""
     out, seen = [], 0
     for x in batches:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .preflight import parse_data_spec
 
 FMNIST_MEAN = 0.2860
 FMNIST_STD = 0.3530
@@ -394,7 +395,7 @@ def open_data(spec: str | None, model: torch.nn.Module, default: str | None = No
     spec = spec or default
     if spec is None:
         raise UsageError("this model has no default data set: pass --data imagefolder:PATH")
-    kind, _, path = spec.partition(":")
+    kind, path = parse_data_spec(spec)
     if kind == "fmnist":
         in_chans = getattr(model, "patch_embed").proj.in_channels if hasattr(model, "patch_embed") else 1
         if in_chans != 1:
@@ -409,8 +410,4 @@ def open_data(spec: str | None, model: torch.nn.Module, default: str | None = No
 
                 return EmbeddedFmnistSource(pad_to)
         return FmnistSource(path or None, pad_to=pad_to, download=download)
-    if kind == "imagefolder":
-        if not path:
-            raise UsageError("--data imagefolder:PATH needs a path")
-        return ImageFolderSource(path, model)
-    raise UsageError(f"unknown data spec {spec!r}; use fmnist, fmnist:PATH or imagefolder:PATH")
+    return ImageFolderSource(path, model)

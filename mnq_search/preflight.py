@@ -91,23 +91,27 @@ def check_checkpoint(path: str | Path, flag: str = "--checkpoint") -> None:
                          "nor pickle format (or give a .safetensors file)")
 
 
+def parse_data_spec(spec: str) -> tuple[str, str]:
+    """``(kind, path)`` of a ``--data`` spec (``fmnist``, ``fmnist:PATH``, ``imagefolder:PATH``)."""
+    kind, _, path = spec.partition(":")
+    if kind not in ("fmnist", "imagefolder"):
+        raise UsageError(f"unknown data spec {spec!r}; use fmnist, fmnist:PATH or imagefolder:PATH")
+    if kind == "imagefolder" and not path:
+        raise UsageError("--data imagefolder:PATH needs a path")
+    return kind, path
+
+
 def check_data_spec(spec: str | None, download: bool = False) -> None:
     """The form of ``--data`` and, for a folder it names, that the folder exists (the images are read
     later; Fashion-MNIST's search order is the data module's)."""
     if not spec:
         return
-    kind, _, path = spec.partition(":")
-    if kind == "imagefolder":
-        if not path:
-            raise UsageError("--data imagefolder:PATH needs a path")
-        if not Path(path).is_dir():
-            raise UsageError(f"image folder not found: {path}")
-    elif kind == "fmnist":
-        if path and not download and not Path(path).exists():
-            raise UsageError(f"Fashion-MNIST not found in {path}: give the folder of its idx files, or "
-                             "--download to fetch it there with torchvision")
-    else:
-        raise UsageError(f"unknown data spec {spec!r}; use fmnist, fmnist:PATH or imagefolder:PATH")
+    kind, path = parse_data_spec(spec)
+    if kind == "imagefolder" and not Path(path).is_dir():
+        raise UsageError(f"image folder not found: {path}")
+    if kind == "fmnist" and path and not download and not Path(path).exists():
+        raise UsageError(f"Fashion-MNIST not found in {path}: give the folder of its idx files, or "
+                         "--download to fetch it there with torchvision")
 
 
 def check_storage(url: str, connect_timeout_s: int = 3) -> None:

@@ -46,6 +46,14 @@ def param_variables(space: SearchSpace, slot: str, method: str) -> list[Variable
     return [v for v in space.variables("param") if v.group == slot and split_param_key(v.name)[1] == method]
 
 
+def _take_best(ev, current: dict, var: Variable) -> dict:
+    """Score every choice of ``var`` with the rest of ``current`` fixed, set the lowest (ties: the
+    earlier choice) into ``current``; returns the trace entry."""
+    scores = {c: ev.score(dict(current, **{var.name: c})) for c in var.choices}
+    current[var.name] = min(scores, key=lambda c: (scores[c], var.choices.index(c)))
+    return {"slot": var.name, "kl": {str(c): v for c, v in scores.items()}}
+
+
 class _ValidationStrategy(Strategy):
     """Shared part: the evaluator, the best uniform start, the summary."""
 
@@ -79,13 +87,9 @@ class SequentialStrategy(_ValidationStrategy):
         current = {slot: "float" for slot in ctx.slot_ops}
         trace = []
         for var in ctx.search_space.variables("method"):
-            scores = {m: ev.score(dict(current, **{var.name: m})) for m in var.choices}
-            current[var.name] = min(scores, key=lambda m: (scores[m], var.choices.index(m)))
-            trace.append({"slot": var.name, "kl": scores})
+            trace.append(_take_best(ev, current, var))
             for pv in param_variables(ctx.search_space, var.name, current[var.name]):  # then its parameters
-                scores = {v: ev.score(dict(current, **{pv.name: v})) for v in pv.choices}
-                current[pv.name] = min(scores, key=lambda v: (scores[v], pv.choices.index(v)))
-                trace.append({"slot": pv.name, "kl": {str(k): v for k, v in scores.items()}})
+                trace.append(_take_best(ev, current, pv))
         final = ev.score(current)
         start, start_kl, family = self.best_uniform(ev, ctx)
         fallback = start_kl < final

@@ -16,11 +16,17 @@ from mnq_search.zoo import create_zoo_model
 from tests.conftest import needs_full_fmnist
 
 
-@pytest.fixture()
-def spec(tmp_path):
+def zoo_checkpoint(tmp_path):
+    """The default zoo model with seeded random weights, as a checkpoint file."""
     torch.manual_seed(0)
     ckpt = tmp_path / "w.safetensors"
     save_weights(create_zoo_model("fmnist-deit-tiny"), ckpt)
+    return ckpt
+
+
+@pytest.fixture()
+def spec(tmp_path):
+    ckpt = zoo_checkpoint(tmp_path)
     path = tmp_path / "s.toml"
     path.write_text(f'''
 name = "mini"
@@ -84,9 +90,7 @@ def test_a_killed_study_loses_no_finished_cell_and_repeats_none(tmp_path, monkey
     compare every strategy with the best uniform method (selected on validation)."""
     import mnq_search.pipeline as pipeline
 
-    torch.manual_seed(0)
-    ckpt = tmp_path / "w.safetensors"
-    save_weights(create_zoo_model("fmnist-deit-tiny"), ckpt)
+    ckpt = zoo_checkpoint(tmp_path)
     path = tmp_path / "g.toml"
     path.write_text(f'''
 name = "grouped"
