@@ -11,6 +11,11 @@ integer products:
     -> attn v on the softmax's output grid -> proj (QLinear).
 
 With quantization off, both classes compute exactly what timm's non-fused path computes.
+
+Instance-aware group quantization of the attention probabilities (IGQ-ViT, issue 15):
+:meth:`_QuantAttentionBase.set_softmax_groups` requantizes the softmax method's output, per
+attention row, onto ``G`` unsigned grids at the slot's bit-width (:class:`GroupSoftmaxQuant`), and
+``attn v`` runs as per-group partial sums.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from torch import nn
 
 from .errors import UsageError
 from .quant import ActQuant, QLinear, QuantMatMul
+from .quant._group import GroupSoftmaxQuant
+from .quant._group_matmul import matmul_partial_sums, matmul_partial_sums_int, merge_partial_sums
+from .quant._wrappers import check_groups
 from .integer import to_grid
 from .slot import NonLinearSlot
 
@@ -43,6 +51,22 @@ class _QuantAttentionBase(nn.Module):
         self.matmul_av = QuantMatMul()
         self.proj = QLinear(attn.proj, bits)
         self.proj_drop = attn.proj_drop
+        self.p_group: GroupSoftmaxQuant | None = None
+
+    @property
+    def softmax_groups(self) -> int:
+        return 1 if self.p_group is None else self.p_group.groups
+
+    def set_softmax_groups(self, groups: int, keys: int | None = None) -> None:
+        """Requantize the softmax output per attention row in ``groups`` instance-aware groups
+        (1: the method's own per-tensor grid); ``keys`` (tokens per row) bounds ``groups`` when known."""
+        groups = check_groups(groups, keys or 2**31, "softmax groups")
+        if groups == "channel":
+            raise UsageError("softmax groups must be a positive integer ('channel' applies to linear inputs)")
+        if groups == self.softmax_groups:
+            return
+        self.p_group = None if groups == 1 else GroupSoftmaxQuant(self.softmax.bits, groups).to(
+            self.proj.linear.weight.device)
 
     def _qkv(self, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
         """(q, k, v) as the integers of one per-tensor grid, and its scale (quantization off: the
@@ -65,7 +89,23 @@ class _QuantAttentionBase(nn.Module):
         s_p = self.softmax.out_scale if on_grid else None
         if s_v is None or s_p is None:
             return p @ (v if s_v is None else v * s_v)
+        if self.p_group is not None:  # fake-quant: the probabilities dequantized on their row's group grids
+            gq = self.p_group(p)
+            return ((gq.q * gq.scale) @ v) * s_v
         return self.matmul_av.forward_q(to_grid(p, s_p), s_p, v, s_v)[0]
+
+    def attend_partial_sums(self, p: torch.Tensor, v: torch.Tensor, s_v: torch.Tensor,
+                            integer: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grouped ``attn v`` as the integer pipeline computes it: (the ``G`` partial sums,
+        float-held or, ``integer``, int64; the output merged from them), for probabilities ``p`` and
+        the integers ``v``; equal to the fake-quant forward up to float32 rounding."""
+        if self.p_group is None:
+            raise UsageError("partial sums need softmax groups (set_softmax_groups(G), G > 1)")
+        with torch.no_grad():
+            gq = self.p_group(p)
+            fn = matmul_partial_sums_int if integer else matmul_partial_sums
+            acc = fn(gq.q, gq.group, self.p_group.groups, v)
+            return acc, merge_partial_sums(acc, gq.group_scales, s_v)
 
 
 class QuantAttention(_QuantAttentionBase):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .convert import QuantModel
 from .methods import NonLinearMethod
-from .quant import ActQuant
+from .quant import FINE_QUANTIZERS, ActQuant
 
 
 @contextmanager
@@ -20,7 +20,7 @@ def observing(model: torch.nn.Module):
     was_training = model.training
     model.eval()
     for m in model.modules():
-        if isinstance(m, (ActQuant, NonLinearMethod)):
+        if isinstance(m, (ActQuant, NonLinearMethod, *FINE_QUANTIZERS)):
             m.train()
     try:
         yield model

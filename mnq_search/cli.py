@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", action="store_true",
                    help="measure the sensitivity table even when the strategy does not need it")
     p.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after the assignment (default: 0, PTQ only)")
+    p.add_argument("--groups", default="1", metavar="SPEC",
+                   help="input quantizers of the block linears and attention probabilities (IGQ-ViT): 1 per tensor, "
+                        "G instance-aware groups, channel (static per channel), or alloc:G (group counts allocated "
+                        "on validation under the BOPs of G groups) (default: 1)")
     _add_model_args(p)
     _add_quant_args(p)
     _add_search_args(p)
@@ -274,7 +278,7 @@ def _cmd_run(args) -> int:
 
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
-                         sensitivity_cache=args.sensitivity_cache, search=search)
+                         sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups)
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)

@@ -64,6 +64,7 @@ class RunSettings:
     progress: bool = True
     record_images: bool = False  # studies: per-image test correctness (correct.npz) and the validation top-1
     val_eval_size: int | None = None  # validation images of that top-1 (None: the whole validation split)
+    groups: str = "1"  # input quantizers of the block linears and probabilities (mnq_search.groups.parse_groups)
 
     def validate(self) -> "RunSettings":
         """Raise a one-line UsageError for the first bad value; returns self."""
@@ -93,6 +94,9 @@ class RunSettings:
             self.families = tuple(self.families)
             for f in self.families:
                 get_family(f)
+        from .groups import parse_groups
+
+        self.groups = str(parse_groups(self.groups))
         if self.asqnr_form not in ASQNR_FORMS:
             raise UsageError(f"unknown ASQNR form {self.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
         is_optuna = self.strategy.partition(":")[0] == "optuna"

@@ -38,7 +38,7 @@ from torch import nn
 from .attention import QuantAttention, QuantWindowAttention
 from .errors import UsageError
 from .methods import OPS
-from .quant import ActQuant, QConv2d, QLinear, QuantConv2d, QuantLinear, check_bits
+from .quant import FINE_QUANTIZERS, ActQuant, QConv2d, QLinear, QuantConv2d, QuantLinear, check_bits
 from .slot import FLOAT, NonLinearSlot
 
 SUPPORTED = (VisionTransformer, SwinTransformer)
@@ -130,6 +130,8 @@ class QuantModel(nn.Module):
         for m in (modules or self.model).modules():
             if isinstance(m, ActQuant):
                 m.observer.reset()
+            elif isinstance(m, FINE_QUANTIZERS):
+                m.reset()
             elif isinstance(m, NonLinearMethod):
                 m.reset_calibration()
 

@@ -82,6 +82,12 @@ class IncrementalEvaluator:
         missing = set(self.model.slot_ops()) - set(self.unit_of)
         if missing:
             raise UsageError(f"slots outside the model's units: {sorted(missing)[:3]}")
+        from .groups import get_groups, group_layers
+
+        unit_by_id = {id(m): i for i, (mods, _) in enumerate(self.units) for m in mods.modules()}
+        self.group_unit = {name: unit_by_id[id(mod)] for name, (_, mod) in group_layers(self.model).items()
+                           if id(mod) in unit_by_id}
+        self.current_groups: dict[str, int | str] = get_groups(self.model)
         self.device = device
         self.calib = [x.to(device) for x in calib]
         self.val = [x.to(device) for x in val]
@@ -96,9 +102,17 @@ class IncrementalEvaluator:
         self.evaluations = 0
         self.units_run = 0
 
-    def score(self, assignment: Mapping[str, str]) -> float:
-        """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named)."""
+    def score(self, assignment: Mapping[str, str], groups: Mapping[str, int | str] | None = None) -> float:
+        """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named);
+        ``groups``: group settings of group layers (:mod:`mnq_search.groups`; layers not named keep
+        theirs)."""
         assignment = dict(assignment)
+        changed_groups = [n for n, g in (groups or {}).items() if self.current_groups.get(n, 1) != g]
+        if changed_groups:
+            from .groups import set_groups
+
+            set_groups(self.model, {n: groups[n] for n in changed_groups})
+            self.current_groups.update({n: groups[n] for n in changed_groups})
         for key in self.current or {}:  # a parameter left out goes back to its default
             parts = split_param_key(key)
             if parts is not None and key not in assignment:
@@ -107,9 +121,10 @@ class IncrementalEvaluator:
             start = 0
         else:
             changed = [s for s, m in assignment.items() if self.current.get(s) != m]
-            if not changed:
+            if not changed and not changed_groups:
                 return self._kl
-            start = min(self.unit_of[(split_param_key(s) or (s,))[0]] for s in changed)
+            start = min([self.unit_of[(split_param_key(s) or (s,))[0]] for s in changed]
+                        + [self.group_unit[n] for n in changed_groups])
         self.model.set_assignment(assignment)
         self.current = assignment
         self._recompute(start)

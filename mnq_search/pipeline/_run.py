@@ -44,8 +44,16 @@ def run(settings: RunSettings) -> dict[str, Any]:
     strategy = get_strategy(settings.strategy)
     search = settings.search
     uses_qat = search is not None and "qat" in search.objectives
+    from ..groups import parse_groups
+
+    groups = parse_groups(settings.groups)
     ctx = open_run(settings, training=settings.qat_epochs > 0 or uses_qat,
-                   validation=strategy.validation_images(settings))
+                   validation=max(strategy.validation_images(settings),
+                                  settings.val_size if groups.kind == "alloc" else 0))
+    if groups.kind != "alloc" and not groups.is_default:  # the strategy sees the model it chooses for
+        from ..groups import set_groups, uniform_groups
+
+        set_groups(ctx.qmodel, uniform_groups(ctx.qmodel, groups))
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -60,6 +68,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
 
     qmodel = ctx.qmodel
     qmodel.set_assignment(assignment)
+    group_record = None if groups.is_default else _apply_groups(ctx, groups, assignment, timings)
     t = time.perf_counter()
     calibrate(qmodel, ctx.calib_batches(), ctx.device)
     timings["calibrate_s"] = time.perf_counter() - t
@@ -90,6 +99,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
 
     result = _record(ctx, strategy.full_name, assignment, fp, qres, timings)
     result.update(extra)
+    if group_record is not None:
+        result["groups"] = group_record
     result["sensitivity_measured"] = ctx.sensitivity is not None
     if outcome.search is not None:
         result["search"] = outcome.search
@@ -103,6 +114,35 @@ def run(settings: RunSettings) -> dict[str, Any]:
     result["files"] = write_run_outputs(Path(settings.out), result, assignment, ctx.sensitivity,
                                         outcome.search, outcome.pareto)
     return result
+
+
+def _apply_groups(ctx: RunContext, groups, assignment, timings: dict[str, float]) -> dict[str, Any]:
+    """Set the group layers of ``--groups alloc:G`` (allocated on validation for ``assignment``);
+    returns what result.json records of the groups: the setting, every layer's count, the BOPs per
+    image and, allocated, the budget and the sensitivity table."""
+    from ..groups import (allocate_groups, get_groups, group_sensitivity, layer_shapes, set_groups, total_cost,
+                          uniform_groups)
+
+    x = next(iter(ctx.calib_batches()))[0].to(ctx.device)
+    shapes = layer_shapes(ctx.qmodel, x)
+    record: dict[str, Any] = {"setting": str(groups)}
+    if groups.kind == "alloc":
+        from ..incremental import evaluator_for
+
+        t = time.perf_counter()
+        set_groups(ctx.qmodel, {name: 1 for name in shapes})
+        sens = group_sensitivity(evaluator_for(ctx), assignment, shapes, progress=ctx.settings.progress)
+        budget = total_cost(shapes, uniform_groups(ctx.qmodel, groups.groups))
+        alloc = allocate_groups(sens, shapes, budget)
+        set_groups(ctx.qmodel, alloc.groups)
+        timings["group_allocation_s"] = time.perf_counter() - t
+        record.update(budget_bops=budget, estimated_kl=alloc.estimated_kl,
+                      sensitivity={n: {str(g): kl for g, kl in row.items()} for n, row in sens.items()})
+    layers = get_groups(ctx.qmodel)
+    record["bops_per_image"] = total_cost(shapes, layers)
+    record["per_tensor_bops_per_image"] = total_cost(shapes, {})
+    record["layers"] = layers
+    return record
 
 
 def record_correct(out: Path, name: str, **arrays) -> None:

@@ -4,6 +4,7 @@ requantization (HAWQ-V3), and integer Linear / Conv2d / MatMul with their input-
 The non-linear methods build on this package: :mod:`mnq_search.methods`.
 """
 
+from ._channel import ChannelActQuant as ChannelActQuant
 from ._dyadic import dyadic as dyadic
 from ._dyadic import dyadic_value as dyadic_value
 from ._dyadic import requantize as requantize
@@ -13,6 +14,8 @@ from ._fake_quant import check_bits as check_bits
 from ._fake_quant import qrange as qrange
 from ._fake_quant import quantize_ste as quantize_ste
 from ._fake_quant import symmetric_scale as symmetric_scale
+from ._group import GroupActQuant as GroupActQuant
+from ._group import GroupSoftmaxQuant as GroupSoftmaxQuant
 from ._linear import QuantConv2d as QuantConv2d
 from ._linear import QuantLinear as QuantLinear
 from ._linear import QuantMatMul as QuantMatMul
@@ -34,7 +37,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ActQuant", "BITS_RANGE", "MinMaxObserver", "QConv2d", "QLinear", "QuantConv2d",
+FINE_QUANTIZERS = (ChannelActQuant, GroupActQuant, GroupSoftmaxQuant)  # calibrated like ActQuant
+
+__all__ = ["ActQuant", "BITS_RANGE", "ChannelActQuant", "FINE_QUANTIZERS", "GroupActQuant", "GroupSoftmaxQuant", "MinMaxObserver", "QConv2d", "QLinear", "QuantConv2d",
            "QuantLinear",
            "QuantMatMul", "check_bits", "dyadic", "dyadic_value", "qrange", "quantize_ste",
            "requantize", "symmetric_scale"]

@@ -233,6 +233,12 @@ class _GroupQuantBase(nn.Module):
     def qrange(self) -> tuple[int, int]:
         return _quant.qrange(self.bits, signed=self.signed)
 
+    def reset(self) -> None:
+        """Forget the calibration (before a new one)."""
+        self.observer.reset()
+        self.key_hist.zero_()
+        self.group_ranges.zero_()
+
     def _scale_of(self, absmax: torch.Tensor) -> torch.Tensor:
         # signed: absmax / (2**(b-1) - 1); unsigned: max / (2**b - 1), the same form at b + 1 bits
         return _quant.symmetric_scale(absmax, self.bits if self.signed else self.bits + 1)

@@ -1,0 +1,253 @@
+"""Instance-aware group quantization wired into converted models (issue 15): the grouped linear and
+attention products, their integer paths, the per-channel reference, the group settings of a model,
+the cost, the incremental evaluator with groups, and the allocation under a BOP budget."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from mnq_search import groups as G
+from mnq_search.calibrate import calibrate
+from mnq_search.convert import convert_model
+from mnq_search.errors import UsageError
+from mnq_search.incremental import IncrementalEvaluator
+from mnq_search.methods import uniform_assignment
+from mnq_search.quant import QLinear, qrange, symmetric_scale
+
+
+def _tiny(kind="vit", bits=4):
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                                  num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()
+        shape = (1, 28, 28)
+    else:
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+                                  in_chans=1, num_classes=10, window_size=4, embed_dim=16, depths=(2, 2),
+                                  num_heads=(1, 2)).eval()
+        shape = (1, 32, 32)
+    q = convert_model(model, bits=bits)
+    q.set_assignment(uniform_assignment("ibert", q.slot_ops()))
+    return model, q, shape
+
+
+def _outlier_tokens(gen, b=6, n=9, c=32):
+    spread = torch.exp(0.8 * torch.randn(b, 1, c, generator=gen))
+    return torch.randn(b, n, c, generator=gen) * spread
+
+
+def _qlinear(groups, bits=8, c=32, d=12):
+    torch.manual_seed(1)
+    m = QLinear(torch.nn.Linear(c, d), bits)
+    m.set_groups(groups)
+    return m
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_grouped_linear_is_the_sum_of_group_products(grad):
+    gen = torch.Generator().manual_seed(0)
+    m = _qlinear(4)
+    m.train()
+    for _ in range(3):
+        m(_outlier_tokens(gen))
+    m.eval()
+    x = _outlier_tokens(gen)
+    with torch.set_grad_enabled(grad):
+        y = m(x)
+        gq = m.q_group(x)
+        w_int, s_w = m.linear.quant_weight()
+    # reference: every (instance, channel) dequantized on its group's grid, one float product
+    ref = F.linear((gq.q * gq.scale).double(), (w_int * s_w.view(-1, 1)).double())
+    s_top = gq.group_scales.max() * s_w
+    ref = ref + torch.round(m.linear.bias.double() / s_top.double()) * s_top.double()
+    assert y.shape == (6, 9, 12)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert gq.group.unique().numel() > 1  # the channels really sit in several groups
+
+
+def test_grouped_linear_integer_path_is_bit_identical():
+    gen = torch.Generator().manual_seed(2)
+    m = _qlinear(8)
+    m.train()
+    m(_outlier_tokens(gen))
+    m.eval()
+    x = _outlier_tokens(gen)
+    with torch.no_grad():
+        y = m(x)
+    acc_f, y_f = m.partial_sums(x)
+    acc_int, y_int = m.partial_sums(x, integer=True)
+    assert acc_int.dtype == torch.int64 and acc_int.shape == (8, 6, 9, 12)
+    assert torch.equal(acc_f, acc_int.float()) and torch.equal(acc_f, torch.round(acc_f))  # the same integers
+    assert torch.equal(y_f, y_int)  # merged into the same bits
+    torch.testing.assert_close(y, y_int, rtol=1e-5, atol=1e-5)  # the fake-quant forward, up to float rounding
+    # each partial sum only holds its group's channels: the sum over groups is the ungrouped product
+    gq = m.q_group(x)
+    w_int, _ = m.linear.quant_weight()
+    assert torch.equal(acc_int.sum(0), gq.q.long() @ w_int.long().t())
+
+
+def test_one_group_is_the_per_tensor_layer():
+    gen = torch.Generator().manual_seed(3)
+    m = _qlinear(1)
+    assert m.q_group is None and m.groups == 1
+    m.set_groups(4)
+    m.set_groups(1)
+    assert m.q_group is None
+    with pytest.raises(UsageError):
+        m.set_groups(33)  # more groups than channels
+    with pytest.raises(UsageError):
+        m.set_groups(0)
+    m.set_groups("channel")
+    assert m.groups == "channel"
+    del gen
+
+
+def test_channel_mode_is_static_per_channel():
+    gen = torch.Generator().manual_seed(4)
+    m = _qlinear("channel", bits=4)
+    calib = [_outlier_tokens(gen) for _ in range(2)]
+    m.q_group.observer.momentum = None  # running extremes: the reference below
+    m.train()
+    for x in calib:
+        m(x)
+    m.eval()
+    absmax = torch.stack([x.abs().amax(dim=(0, 1)) for x in calib]).amax(0)
+    s = symmetric_scale(absmax, 4)
+    x = _outlier_tokens(gen)
+    qmin, qmax = qrange(4)
+    xq = torch.clamp(torch.round(x / s), qmin, qmax) * s  # no exact .5 ties in random data
+    w_int, s_w = m.linear.quant_weight()
+    ref = F.linear(xq, w_int * s_w.view(-1, 1)) + m.linear.bias
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_group_layers_and_settings():
+    _, q, _ = _tiny()
+    layers = G.group_layers(q)
+    assert list(layers)[:5] == ["blocks.0.attn.qkv", "blocks.0.attn.softmax", "blocks.0.attn.proj",
+                                "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
+    assert len(layers) == 10  # 2 blocks x (4 linears + probabilities); patch embedding and head excluded
+    assert set(G.get_groups(q).values()) == {1}
+    G.set_groups(q, G.uniform_groups(q, "channel"))
+    got = G.get_groups(q)
+    assert got["blocks.1.mlp.fc2"] == "channel" and got["blocks.1.attn.softmax"] == 1
+    with pytest.raises(UsageError, match="not a group layer"):
+        G.set_groups(q, {"head": 2})
+    with pytest.raises(UsageError):
+        G.set_groups(q, {"blocks.0.attn.softmax": "channel"})
+    before = G.get_groups(q)
+    with pytest.raises(UsageError):  # checked first: nothing changes
+        G.set_groups(q, {"blocks.0.attn.qkv": 2, "blocks.0.mlp.fc1": 1000})
+    assert G.get_groups(q) == before
+
+
+@pytest.mark.parametrize("text,expected", [("1", ("uniform", 1)), ("8", ("uniform", 8)), ("channel", ("channel", 1)),
+                                           ("alloc:8", ("alloc", 8))])
+def test_parse_groups(text, expected):
+    s = G.parse_groups(text)
+    assert (s.kind, s.groups) == expected and str(s) == text
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "alloc:1", "alloc:x", "x", "alloc", "8:alloc", ""])
+def test_parse_groups_rejects(text):
+    with pytest.raises(UsageError, match="--groups"):
+        G.parse_groups(text)
+
+
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_grouped_model_runs_and_softmax_integer_path(kind):
+    model, q, shape = _tiny(kind)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(4, *shape, generator=gen)
+    G.set_groups(q, G.uniform_groups(q, 4))
+    calibrate(q, [(x, None)])
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (4, 10) and torch.isfinite(y).all()
+    # the attention product: integer partial sums equal the float-held ones, merged output identical
+    name, (_, attn) = next((n, v) for n, v in G.group_layers(q).items() if v[0] == "softmax")
+    p = torch.softmax(torch.randn(2, attn.num_heads, 5, 5, generator=gen) * 3, -1)
+    p = torch.round(p * 15) / 15
+    v = torch.randint(-7, 8, (2, attn.num_heads, 5, 3), generator=gen).float()
+    s_v = torch.tensor(0.05)
+    acc_f, y_f = attn.attend_partial_sums(p, v, s_v)
+    acc, y_i = attn.attend_partial_sums(p, v, s_v, integer=True)
+    assert acc.dtype == torch.int64 and torch.equal(acc_f, acc.float()) and torch.equal(y_f, y_i)
+    with torch.no_grad():
+        gq = attn.p_group(p)
+        y_fake = ((gq.q * gq.scale) @ v) * s_v  # what _attend computes
+    torch.testing.assert_close(y_i, y_fake, rtol=1e-5, atol=1e-6)
+
+
+def test_costs_grow_with_groups_and_channel_is_free():
+    _, q, shape = _tiny()
+    shapes = G.layer_shapes(q, torch.zeros(2, *shape))
+    fc1, attn = shapes["blocks.0.mlp.fc1"], shapes["blocks.0.attn.softmax"]
+    assert (fc1.tokens, fc1.channels, fc1.out_features) == (17, 32, 128)  # 16 patches + cls
+    assert (attn.tokens, attn.channels, attn.out_features, attn.heads) == (17, 17, 16, 2)
+    gemm = 17 * 32 * 128 * 4 * 4
+    assert G.layer_cost(fc1, 1) == gemm == G.layer_cost(fc1, "channel")
+    costs = [G.layer_cost(fc1, g) for g in G.CANDIDATES]
+    assert costs == sorted(costs) and len(set(costs)) == len(costs)
+    assert G.total_cost(shapes, {}) == sum(G.layer_cost(s, 1) for s in shapes.values())
+
+
+def test_evaluator_with_groups_equals_a_fresh_calibration():
+    model, q, shape = _tiny()
+    gen = torch.Generator().manual_seed(6)
+    calib = [torch.randn(8, *shape, generator=gen) for _ in range(2)]
+    val = [torch.randn(8, *shape, generator=gen)]
+    a = q.get_assignment()
+    ev = IncrementalEvaluator(q, model, calib, val)
+    ev.score(a)
+    for spec in ({"blocks.1.mlp.fc1": 4}, {"blocks.1.mlp.fc1": 4, "blocks.0.attn.softmax": 2}, {"blocks.1.mlp.fc1": 1}):
+        full = {name: 1 for name in G.group_layers(q)} | spec
+        kl = ev.score(a, groups=full)
+        fresh = copy.deepcopy(q)
+        G.set_groups(fresh, full)
+        calibrate(fresh, [(x, None) for x in calib])
+        with torch.inference_mode():
+            logits = fresh(val[0])
+            ref = F.log_softmax(model(val[0]).double(), -1)
+        kl_fresh = float(F.kl_div(F.log_softmax(logits.double(), -1), ref, reduction="sum", log_target=True)) / 8
+        assert kl == pytest.approx(kl_fresh, rel=1e-9, abs=1e-12)
+        assert torch.equal(ev.logits[0], logits)
+
+
+def test_allocation_is_the_brute_force_optimum_under_the_budget():
+    _, q, shape = _tiny()
+    shapes = dict(itertools.islice(G.layer_shapes(q, torch.zeros(1, *shape)).items(), 4))
+    gen = torch.Generator().manual_seed(7)
+    sens = {name: {g: float(torch.rand(1, generator=gen)) / g for g in (1, 2, 4, 8)} for name in shapes}
+    budget = G.total_cost(shapes, {name: 4 for name in shapes})
+    alloc = G.allocate_groups(sens, shapes, budget)
+    assert alloc.cost <= budget and alloc.cost == G.total_cost(shapes, alloc.groups)
+    best = min((sum(sens[n][g] for n, g in zip(shapes, combo)), combo)
+               for combo in itertools.product((1, 2, 4, 8), repeat=len(shapes))
+               if G.total_cost(shapes, dict(zip(shapes, combo))) <= budget)
+    assert alloc.estimated_kl == pytest.approx(best[0])
+    with pytest.raises(UsageError):
+        G.allocate_groups(sens, shapes, G.total_cost(shapes, {}) - 1)
+
+
+def test_group_sensitivity_and_allocation_on_a_model():
+    model, q, shape = _tiny()
+    gen = torch.Generator().manual_seed(8)
+    calib = [torch.randn(8, *shape, generator=gen)]
+    val = [torch.randn(8, *shape, generator=gen)]
+    ev = IncrementalEvaluator(q, model, calib, val)
+    shapes = G.layer_shapes(q, calib[0])
+    sens = G.group_sensitivity(ev, q.get_assignment(), shapes, candidates=(1, 2, 4))
+    assert set(sens) == set(shapes) and all(set(r) == {1, 2, 4} for r in sens.values())
+    base = ev.score(q.get_assignment(), groups={n: 1 for n in shapes})
+    assert all(r[1] == base for r in sens.values())
+    budget = G.total_cost(shapes, {n: 2 for n in shapes})
+    alloc = G.allocate_groups(sens, shapes, budget)
+    assert alloc.cost <= budget and set(alloc.groups.values()) <= {1, 2, 4}
