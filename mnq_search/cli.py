@@ -274,6 +274,9 @@ def _cmd_run(args) -> int:
     if args.checkpoint:
         check_checkpoint(args.checkpoint)
     check_data_spec(args.data, getattr(args, "download", False))
+    from .groups import parse_groups
+
+    parse_groups(args.groups)
     from .pipeline import preflight_run, run
 
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
@@ -295,13 +298,15 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .preflight import check_checkpoint, check_data_spec, check_input_file, check_output_file
+    from .preflight import (check_assignment_slots, check_checkpoint, check_data_spec, check_input_file,
+                            check_output_file)
 
     check_input_file(args.assignment, "--assignment")
     if args.results_file:
         check_output_file(args.results_file, "--results-file")
     if args.checkpoint:
         check_checkpoint(args.checkpoint)
+        check_assignment_slots(args.assignment, args.checkpoint)
     check_data_spec(args.data, getattr(args, "download", False))
     from .pipeline import evaluate_assignment
 

@@ -91,6 +91,64 @@ def check_checkpoint(path: str | Path, flag: str = "--checkpoint") -> None:
                          "nor pickle format (or give a .safetensors file)")
 
 
+def checkpoint_slots(path: str | Path) -> dict[str, str] | None:
+    """The non-linear slots a timm ViT / Swin converts to, read from a safetensors checkpoint's tensor
+    names without torch (slot -> op): ``<attn>.softmax`` for every ``<attn>.qkv.weight``,
+    ``<mlp>.act`` for every ``<mlp>.fc1.weight``, and every 1-D ``.weight`` of a module named
+    ``norm*``, ``fc_norm`` or ``norm_pre`` (a LayerNorm). None when the file is not safetensors."""
+    import json
+    import re
+    import struct
+
+    p = Path(path)
+    if p.suffix != ".safetensors" or not p.is_file():
+        return None
+    with open(p, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    slots: dict[str, str] = {}
+    norm = re.compile(r"(^|\.)(norm\d*|fc_norm|norm_pre)$")
+    for key, info in header.items():
+        if key == "__metadata__" or not isinstance(info, dict):
+            continue
+        module, _, leaf = key.rpartition(".")
+        if key.endswith(".qkv.weight"):
+            slots[module[: -len(".qkv")] + ".softmax"] = "softmax"
+        elif key.endswith(".fc1.weight"):
+            slots[module[: -len(".fc1")] + ".act"] = "gelu"
+        elif leaf == "weight" and norm.search(module) and len(info.get("shape", [])) == 1:
+            slots[module] = "layernorm"
+    return slots
+
+
+def check_assignment_slots(assignment_path: str | Path, checkpoint: str | Path | None) -> None:
+    """Before torch loads: every slot an assignment file names exists in the checkpoint's model (only
+    when the checkpoint is a safetensors file, whose tensor names tell the slots; the full check
+    runs again on the converted model)."""
+    import difflib
+    import json
+
+    slots = checkpoint_slots(checkpoint) if checkpoint else None
+    if not slots:
+        return
+    try:
+        data = json.loads(Path(assignment_path).read_text())
+    except (OSError, ValueError):
+        return  # the loader says what is wrong with the file
+    if not isinstance(data, dict):
+        return
+    named = data.get("slots", {}) if ("slots" in data or "default" in data) else data
+    params = data.get("params", {}) if isinstance(data.get("params"), dict) else {}
+    if not isinstance(named, dict):
+        return
+    for name in list(named) + [k.partition("#")[0] for k in params]:
+        if name not in slots:
+            close = difflib.get_close_matches(name, list(slots), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"unknown slot {name!r}{hint}; the model has {len(slots)} slots, "
+                             f"e.g. {', '.join(list(slots)[:3])}")
+
+
 def parse_data_spec(spec: str) -> tuple[str, str]:
     """``(kind, path)`` of a ``--data`` spec (``fmnist``, ``fmnist:PATH``, ``imagefolder:PATH``)."""
     kind, _, path = spec.partition(":")

@@ -55,6 +55,23 @@ def test_run_writes_the_three_files(ckpt, tmp_path, capsys):
     assert "top-1 FP" in stdout and "fixed seeded subset of 40" in stdout
 
 
+def test_run_with_allocated_groups_records_them_within_budget(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "uniform:ibert", "--bits", "4", "--groups", "alloc:4", "--val-size", "20",
+                            "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    g = json.loads((out / "result.json").read_text())["groups"]
+    assert g["setting"] == "alloc:4" and len(g["layers"]) == 12 * 5
+    assert g["per_tensor_bops_per_image"] < g["bops_per_image"] <= g["budget_bops"]
+    assert set(g["layers"].values()) <= {1, 2, 4, 8, 16}
+    assert all(row["1"] == g["sensitivity"]["blocks.0.attn.qkv"]["1"] for row in g["sensitivity"].values())
+    out8 = tmp_path / "run8"
+    assert run_cli(["run", "--strategy", "uniform:ibert", "--bits", "4", "--groups", "4", "--checkpoint", ckpt,
+                    "--out", out8, *FAST], capsys)[0] == 0
+    g8 = json.loads((out8 / "result.json").read_text())["groups"]
+    assert set(g8["layers"].values()) == {4} and g8["bops_per_image"] == g["budget_bops"]
+
+
 def test_the_greedy_rule_picks_the_lowest_diff(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["run", "--strategy", "sqnr_diff", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
@@ -168,6 +185,7 @@ def _bad_cases(tmp_path, ckpt):
                                 "--data", f"imagefolder:{empty}"], None),
         "bad data spec": (["run", "--data", "mnist", *c], "unknown data spec"),
         "bad eval size": (["run", "--eval-size", "-3", *c], "--eval-size"),
+        "bad groups": (["run", "--groups", "alloc:1", *c], "--groups"),
         "unknown slot": (["eval", "--assignment", str(bad_assign), *c], "unknown slot 'blocks.0.nrm1' (did you mean 'blocks.0.norm1'?)"),
         "method invalid for op": (["eval", "--assignment", str(bad_method), *c], "not valid for gelu"),
         "assignment not json": (["eval", "--assignment", str(not_json), *c], "not valid JSON"),

@@ -74,3 +74,18 @@ def test_swin_micro_has_shifted_windows_in_two_stages():
     assert resolutions == [(16, 16), (8, 8), (4, 4)]
     shifted = [any(b.shift_size != (0, 0) for b in stage.blocks) for stage in model.layers]
     assert shifted == [True, True, False]  # the last stage is one window: nothing to shift
+
+
+@pytest.mark.parametrize("name", list_zoo())
+def test_checkpoint_header_names_the_converted_slots(name, tmp_path):
+    """The torch-free preflight of an assignment file reads the slots from the checkpoint's tensor
+    names: for every zoo architecture they are exactly the converted model's slots and ops."""
+    from mnq_search.convert import convert_model
+    from mnq_search.io import save_weights
+    from mnq_search.preflight import checkpoint_slots
+
+    model = create_zoo_model(name)
+    path = tmp_path / "m.safetensors"
+    save_weights(model, path)
+    assert checkpoint_slots(path) == convert_model(model).slot_ops()
+    assert checkpoint_slots(tmp_path / "m.pth") is None
