@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input quantizers of the block linears and attention probabilities (IGQ-ViT): 1 per tensor, "
                         "G instance-aware groups, channel (static per channel), or alloc:G (group counts allocated "
                         "on validation under the BOPs of G groups) (default: 1)")
+    g = p.add_argument_group("bit-widths per layer (--strategy mixqvit)")
+    g.add_argument("--budget", default=None, metavar="BUDGET",
+                   help="BOPs budget: a uniform setting like w6a6 or a count like 1.2G (required by mixqvit)")
+    g.add_argument("--search-bits", default="4,5,6,8", metavar="BITS",
+                   help="candidate bit-widths per weight layer, weights and activations together (default: 4,5,6,8)")
+    g.add_argument("--importance", default="none", choices=("none", "lrp"),
+                   help="layer importance that weighs the sensitivity (default: none)")
     _add_model_args(p)
     _add_quant_args(p)
     _add_search_args(p)
@@ -245,6 +252,15 @@ def _settings(args, **extra) -> "RunSettings":
                        **extra)
 
 
+def _search_bits(text: str) -> tuple:
+    """``--search-bits`` as (weight, activation) pairs, parsed without torch."""
+    try:
+        values = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        raise UsageError(f"--search-bits: expected comma-separated bit-widths like 4,5,6,8, got {text!r}") from None
+    return tuple((v, v) for v in values)
+
+
 def _search_options(args):
     """The search group's flags as typed options (None when none is given and the strategy is not
     optuna)."""
@@ -281,7 +297,8 @@ def _cmd_run(args) -> int:
 
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
-                         sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups)
+                         sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups,
+                         budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance)
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)

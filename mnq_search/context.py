@@ -65,6 +65,9 @@ class RunSettings:
     record_images: bool = False  # studies: per-image test correctness (correct.npz) and the validation top-1
     val_eval_size: int | None = None  # validation images of that top-1 (None: the whole validation split)
     groups: str = "1"  # input quantizers of the block linears and probabilities (mnq_search.groups.parse_groups)
+    budget: str | None = None  # mixqvit: BOPs budget, "w6a6" or a count like "1.2G"
+    search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit: candidate (weight, activation) bits
+    importance: str = "none"  # mixqvit: layer importance, "none" or "lrp"
 
     def validate(self) -> "RunSettings":
         """Raise a one-line UsageError for the first bad value; returns self."""
@@ -97,6 +100,7 @@ class RunSettings:
         from .groups import parse_groups
 
         self.groups = str(parse_groups(self.groups))
+        self._validate_mixqvit()
         if self.asqnr_form not in ASQNR_FORMS:
             raise UsageError(f"unknown ASQNR form {self.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
         is_optuna = self.strategy.partition(":")[0] == "optuna"
@@ -109,6 +113,24 @@ class RunSettings:
         if self.qat is not None:
             self.qat.validate()
         return self
+
+    def _validate_mixqvit(self) -> None:
+        import re
+
+        if self.budget is not None and not re.fullmatch(r"w\d+a\d+|[0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?\s*[kKmMgGtT]?\s*(BOPs|bops)?",
+                                                        str(self.budget).strip()):
+            raise UsageError(f"--budget: use a uniform setting like 'w6a6' or a BOPs count like '1.2G', got {self.budget!r}")
+        is_mixqvit = self.strategy.partition(":")[0] == "mixqvit"
+        if self.budget is not None and not is_mixqvit:
+            raise UsageError("--budget applies only to --strategy mixqvit")
+        if is_mixqvit and self.budget is None:
+            raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
+        if self.importance not in ("none", "lrp"):
+            raise UsageError(f"--importance: choose from none, lrp (got {self.importance!r})")
+        pairs = tuple(tuple(p) for p in self.search_bits)
+        if not pairs or any(len(p) != 2 or not all(isinstance(b, int) and 4 <= b <= 8 for b in p) for p in pairs):
+            raise UsageError(f"--search-bits: bit-widths must be in 4..8, got {self.search_bits!r}")
+        self.search_bits = pairs
 
     def replace(self, **changes: Any) -> "RunSettings":
         return dataclasses.replace(self, **changes)

@@ -83,11 +83,16 @@ class IncrementalEvaluator:
         if missing:
             raise UsageError(f"slots outside the model's units: {sorted(missing)[:3]}")
         from .groups import get_groups, group_layers
+        from .mixprec._bops import _weight_layers, layer_bits
 
         unit_by_id = {id(m): i for i, (mods, _) in enumerate(self.units) for m in mods.modules()}
         self.group_unit = {name: unit_by_id[id(mod)] for name, (_, mod) in group_layers(self.model).items()
                            if id(mod) in unit_by_id}
         self.current_groups: dict[str, int | str] = get_groups(self.model)
+        self.bits_layers = {name: mod for name, mod in _weight_layers(self.model).items()
+                            if id(mod) in unit_by_id and hasattr(mod, "set_bits")}
+        self.bits_unit = {name: unit_by_id[id(mod)] for name, mod in self.bits_layers.items()}
+        self.current_bits: dict[str, tuple[int, int]] = layer_bits(self.model)
         self.device = device
         self.calib = [x.to(device) for x in calib]
         self.val = [x.to(device) for x in val]
@@ -102,11 +107,18 @@ class IncrementalEvaluator:
         self.evaluations = 0
         self.units_run = 0
 
-    def score(self, assignment: Mapping[str, str], groups: Mapping[str, int | str] | None = None) -> float:
+    def score(self, assignment: Mapping[str, str], groups: Mapping[str, int | str] | None = None,
+              bits: Mapping[str, tuple[int, int]] | None = None) -> float:
         """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named);
-        ``groups``: group settings of group layers (:mod:`mnq_search.groups`; layers not named keep
-        theirs)."""
+        ``groups``: group settings of group layers (:mod:`mnq_search.groups`), ``bits``: (weight,
+        activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs."""
         assignment = dict(assignment)
+        changed_bits = [n for n, b in (bits or {}).items() if self.current_bits.get(n) != tuple(b)]
+        for n in changed_bits:
+            if n not in self.bits_layers:
+                raise UsageError(f"bits: {n!r} is not a weight layer of this model")
+            self.bits_layers[n].set_bits(*bits[n])
+            self.current_bits[n] = tuple(bits[n])
         changed_groups = [n for n, g in (groups or {}).items() if self.current_groups.get(n, 1) != g]
         if changed_groups:
             from .groups import set_groups
@@ -121,10 +133,10 @@ class IncrementalEvaluator:
             start = 0
         else:
             changed = [s for s, m in assignment.items() if self.current.get(s) != m]
-            if not changed and not changed_groups:
+            if not changed and not changed_groups and not changed_bits:
                 return self._kl
             start = min([self.unit_of[(split_param_key(s) or (s,))[0]] for s in changed]
-                        + [self.group_unit[n] for n in changed_groups])
+                        + [self.group_unit[n] for n in changed_groups] + [self.bits_unit[n] for n in changed_bits])
         self.model.set_assignment(assignment)
         self.current = assignment
         self._recompute(start)

@@ -15,6 +15,7 @@ from . import uniform as uniform  # noqa: E402
 from . import greedy as greedy  # noqa: E402
 from . import random as random  # noqa: E402
 from . import local as local  # noqa: E402
+from . import mixqvit as mixqvit  # noqa: E402
 from . import optuna_joint as optuna_joint  # noqa: E402
 from . import unified as unified  # noqa: E402
 

@@ -72,6 +72,20 @@ def test_run_with_allocated_groups_records_them_within_budget(ckpt, tmp_path, ca
     assert set(g8["layers"].values()) == {4} and g8["bops_per_image"] == g["budget_bops"]
 
 
+def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "4,8", "--val-size", "20",
+                            "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    s = json.loads((out / "result.json").read_text())["search"]
+    layers = s["bits"]["layers"]
+    assert len(layers) == 12 * 4 + 2 and {tuple(v) for v in layers.values()} <= {(4, 4), (8, 8)}
+    assert {tuple(v) for v in layers.values()} == {(4, 4), (8, 8)}  # w6a6 lies between: both are used
+    assert s["bits"]["bops_per_image"] <= s["budget_bops"]
+    assert all(row["w8a8"] == 0.0 for row in s["sensitivity"].values())
+    assert s["methods"]["strategy"].startswith("uniform:")
+
+
 def test_the_greedy_rule_picks_the_lowest_diff(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["run", "--strategy", "sqnr_diff", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
@@ -186,6 +200,12 @@ def _bad_cases(tmp_path, ckpt):
         "bad data spec": (["run", "--data", "mnist", *c], "unknown data spec"),
         "bad eval size": (["run", "--eval-size", "-3", *c], "--eval-size"),
         "bad groups": (["run", "--groups", "alloc:1", *c], "--groups"),
+        "budget without mixqvit": (["run", "--budget", "w6a6", *c], "--budget applies only to --strategy mixqvit"),
+        "mixqvit without budget": (["run", "--strategy", "mixqvit", *c], "needs --budget"),
+        "bad budget": (["run", "--strategy", "mixqvit", "--budget", "six bits", *c], "--budget"),
+        "bad search bits": (["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "2,8", *c],
+                            "--search-bits"),
+        "bad mixqvit argument": (["run", "--strategy", "mixqvit:random", "--budget", "w6a6", *c], "mixqvit:sequential"),
         "unknown slot": (["eval", "--assignment", str(bad_assign), *c], "unknown slot 'blocks.0.nrm1' (did you mean 'blocks.0.norm1'?)"),
         "method invalid for op": (["eval", "--assignment", str(bad_method), *c], "not valid for gelu"),
         "assignment not json": (["eval", "--assignment", str(not_json), *c], "not valid JSON"),

@@ -77,7 +77,7 @@ class _WeightQuantMixin:
         version counter moves), so evaluation does not quantize the weights at every batch."""
         w = self.weight
         cacheable = not self.training and not (torch.is_grad_enabled() and w.requires_grad)
-        key = (w._version, w.data_ptr(), w.device, w.dtype)
+        key = (w._version, w.data_ptr(), w.device, w.dtype, self.weight_bits)
         cache = getattr(self, "_wq_cache", None)
         if cacheable and cache is not None and cache[0] == key:
             return cache[1], cache[2]

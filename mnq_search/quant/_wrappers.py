@@ -34,6 +34,18 @@ def check_groups(value: object, channels: int, what: str = "groups") -> int | st
     return value
 
 
+def _set_bits(wrapper: nn.Module, layer: nn.Module, weight_bits: int, act_bits: int) -> None:
+    from ..integer import check_bits
+
+    for what, b in (("weight bits", weight_bits), ("activation bits", act_bits)):
+        try:
+            check_bits(b)
+        except ValueError as exc:
+            raise UsageError(f"{what}: {exc}") from None
+    layer.weight_bits = int(weight_bits)
+    wrapper.q_in.bits = int(act_bits)
+
+
 class QLinear(nn.Module):
     """Input-quantized integer Linear (``bits`` activations and weights)."""
 
@@ -42,6 +54,13 @@ class QLinear(nn.Module):
         self.q_in = ActQuant(bits)
         self.linear = QuantLinear.from_float(linear, bits)
         self.q_group: GroupActQuant | ChannelActQuant | None = None
+
+    def set_bits(self, weight_bits: int, act_bits: int) -> None:
+        """Per-layer bit-widths (mixed precision): the weights' and the input quantizer's (and its
+        groups'); the calibrated input range is kept (it does not depend on the bits)."""
+        _set_bits(self, self.linear, weight_bits, act_bits)
+        if self.q_group is not None:
+            self.q_group.bits = act_bits
 
     @property
     def groups(self) -> int | str:
@@ -110,6 +129,10 @@ class QConv2d(nn.Module):
         super().__init__()
         self.q_in = ActQuant(bits)
         self.conv = QuantConv2d.from_float(conv, bits)
+
+    def set_bits(self, weight_bits: int, act_bits: int) -> None:
+        """Per-layer bit-widths, as :meth:`QLinear.set_bits`."""
+        _set_bits(self, self.conv, weight_bits, act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, s = self.q_in.quantize(x)

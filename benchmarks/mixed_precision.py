@@ -1,0 +1,149 @@
+"""Bit-widths per layer under a BOP budget (Mix-QViT) against uniform precision at the same budget, on
+the default model and all test images (issue 14).
+
+For each budget wBaB (the BOPs of every weight layer at b-bit weights and activations) the
+non-linear slots run at b bits in every cell, so only the linear layers' precision differs:
+
+- ``uniform``: every layer at b bits, the family with the lowest validation KL (``uniform:<family>``
+  over the registered families);
+- ``mixqvit``: baseline 8 bits, per-layer bits from {4, 5, 6, 8} allocated by the sensitivity ILP
+  under the budget, then the best uniform family on the allocated model;
+- ``mixqvit:sequential``: the same allocation, then the ``sequential`` method search.
+
+Selection on ``--val-size`` validation images; top-1 on all 10,000 test images; each cell against the
+uniform cell of its budget (95 % paired bootstrap, exact McNemar, Holm across the table). Every
+cell is one ``mnq-search run`` (result.json, correct.npz) under ``--work``; finished cells are kept
+and skipped when the script runs again. Writes studies/results/mixed_precision.csv and
+benchmarks/results/mixed_precision.md.
+
+Usage: python benchmarks/mixed_precision.py [--budgets 6,4] [--val-size 1000] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mnq_search.context import RunSettings  # noqa: E402
+from mnq_search.incremental import evaluator_for  # noqa: E402
+from mnq_search.io import atomic_write_text  # noqa: E402
+from mnq_search.methods import uniform_assignment  # noqa: E402
+from mnq_search.pipeline import run  # noqa: E402
+from mnq_search.pipeline._build import open_run  # noqa: E402
+from mnq_search.stats import holm, paired_comparison, unpack  # noqa: E402
+
+
+def best_uniform_family(bits: int, val_size: int, work: Path) -> str:
+    """The family with the lowest validation KL at ``bits`` (cached in ``work``)."""
+    path = work / f"best-uniform-w{bits}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["family"]
+    ctx = open_run(RunSettings(bits=bits, val_size=val_size, progress=False), validation=val_size)
+    ev = evaluator_for(ctx)
+    kls = {f: ev.score(uniform_assignment(f, ctx.slot_ops)) for f in ctx.families}
+    family = min(kls, key=kls.get)
+    atomic_write_text(path, json.dumps({"family": family, "val_kl": kls}, indent=1))
+    return family
+
+
+def cell(work: Path, name: str, progress: bool, **settings) -> dict:
+    out = work / name
+    if not (out / "result.json").is_file():
+        run(RunSettings(eval_size=None, record_images=True, progress=progress, out=str(out), **settings))
+    rec = json.loads((out / "result.json").read_text())
+    data = np.load(out / "correct.npz")
+    rec["correct"] = unpack(data["test"], int(data["n"]))
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="6,4")
+    ap.add_argument("--val-size", type=int, default=1000)
+    ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "mixed_precision"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        ap.error(f"--budgets {args.budgets}: give comma-separated bit-widths, e.g. 6,4")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for b in budgets:
+        fam = best_uniform_family(b, args.val_size, work)
+        common = dict(nl_bits=b, val_size=args.val_size)
+        base = cell(work, f"w{b}a{b}-uniform", not args.quiet, strategy=f"uniform:{fam}", bits=b, **common)
+        base["label"], base["budget"] = f"uniform:{fam}", f"w{b}a{b}"
+        rows.append(base)
+        for strategy in ("mixqvit", "mixqvit:sequential"):
+            c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}", not args.quiet, strategy=strategy, bits=8,
+                     budget=f"w{b}a{b}", **common)
+            c["label"], c["budget"] = strategy, f"w{b}a{b}"
+            c["cmp"] = paired_comparison(c["correct"], base["correct"])
+            rows.append(c)
+        print(", ".join(f"{r['label']} {r['top1_quant']:.2f}" for r in rows if r["budget"] == f"w{b}a{b}"), flush=True)
+    compared = [r for r in rows if "cmp" in r]
+    for r, p in zip(compared, holm([r["cmp"]["p"] for r in compared])):
+        r["cmp"]["p_holm"] = p
+    _write(rows, args)
+
+
+def _write(rows, args) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["budget", "strategy", "methods", "top1", "top1_val", "images", "budget_bops",
+                                        "bops_per_image", "bits_histogram", "diff_vs_uniform", "lo", "hi", "p_mcnemar",
+                                        "p_holm"])
+    w.writeheader()
+    lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
+             f"python benchmarks/mixed_precision.py --budgets {args.budgets} --val-size {args.val_size} -->", "",
+             "Default model (fmnist-deit-tiny), non-linear slots at the budget's bits in every row; selection on "
+             f"{args.val_size} validation images, top-1 on all 10,000 test images; Δ against the uniform row of the "
+             "same budget (95 % paired bootstrap, exact McNemar, Holm across the table).", "",
+             "| budget | strategy | methods | top-1 % | bits per layer (count) | BOPs / budget | Δ vs uniform [95 % CI] | p (Holm) |",
+             "|---|---|---|---:|---|---:|---|---:|"]
+    for r in rows:
+        s = r.get("search") or {}
+        c = r.get("cmp")
+        hist = {}
+        if "bits" in s:
+            for pair in s["bits"]["layers"].values():
+                hist[f"w{pair[0]}a{pair[1]}"] = hist.get(f"w{pair[0]}a{pair[1]}", 0) + 1
+            bops, budget = s["bits"]["bops_per_image"], s["budget_bops"]
+            ratio = f"{bops / budget:.3f}"
+        else:
+            hist = {r["budget"]: "all"}
+            bops = budget = ""
+            ratio = "1.000"
+        methods = (s.get("methods") or {}).get("strategy", r["label"])
+        w.writerow({"budget": r["budget"], "strategy": r["label"], "methods": methods, "top1": f"{r['top1_quant']:.2f}",
+                    "top1_val": r.get("top1_val", ""), "images": r["eval_images"], "budget_bops": budget,
+                    "bops_per_image": bops, "bits_histogram": json.dumps(hist),
+                    "diff_vs_uniform": f"{c['diff']:.2f}" if c else "", "lo": f"{c['lo']:.2f}" if c else "",
+                    "hi": f"{c['hi']:.2f}" if c else "", "p_mcnemar": f"{c['p']:.3g}" if c else "",
+                    "p_holm": f"{c['p_holm']:.3g}" if c else ""})
+        d = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c else "(reference)"
+        p = f"{c['p_holm']:.2g}" if c else ""
+        bits_text = ", ".join(f"{k}: {v}" for k, v in sorted(hist.items()))
+        lines.append(f"| {r['budget']} | {r['label']} | {methods} | {r['top1_quant']:.2f} | {bits_text} | {ratio} | "
+                     f"{d} | {p} |")
+    atomic_write_text(ROOT / "studies" / "results" / "mixed_precision.csv", buf.getvalue())
+    text = "\n".join(lines) + "\n"
+    print(text)
+    atomic_write_text(ROOT / "benchmarks" / "results" / "mixed_precision.md", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""``mixqvit``: bit-width per weight layer under a BOP budget (Mix-QViT, Ranjan & Savakis 2025), then
+the non-linear methods (issue 14).
+
+1. Methods for the sensitivity: the best uniform family on validation (KL to the float logits), at
+   the model's baseline bits (``--bits``, default 8).
+2. Sensitivity: the validation KL increase when one weight layer alone takes each candidate of
+   ``--search-bits`` (weight and activation bits together), every other layer at the baseline.
+3. Importance: 1 for every layer (``--importance none``, the default: the KL is already measured at
+   the model's output), or the layer's share of the LRP relevance of the float model (``lrp``).
+4. Allocation: the integer program (``scipy.optimize.milp``) minimising the summed importance x
+   sensitivity under ``--budget`` (``w6a6``: the BOPs of every layer at 6/6; or a BOPs count).
+5. Methods after the allocation: ``mixqvit`` keeps the best uniform family (re-chosen on validation
+   with the allocated bits); ``mixqvit:sequential`` runs the ``sequential`` search on the allocated model.
+
+The allocated bits stay on the run's model (the pipeline calibrates and evaluates it) and go into
+``search.json`` / ``result.json`` with the BOPs, the budget and the sensitivity table.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mnq_search.context import RunContext
+from mnq_search.errors import UsageError
+from mnq_search.incremental import evaluator_for
+
+from ._registry import register_strategy
+from .local import SequentialStrategy, _ValidationStrategy
+
+
+@register_strategy("mixqvit")
+class MixQViTStrategy(_ValidationStrategy):
+    description = "bit-width per weight layer under --budget (sensitivity ILP), then the best uniform methods"
+    free_arg = True  # mixqvit, or mixqvit:sequential
+
+    @classmethod
+    def check_arg(cls, arg: str) -> None:
+        if arg != "sequential":
+            raise UsageError(f"unknown argument of strategy mixqvit {arg!r}; choose from: mixqvit, mixqvit:sequential")
+
+    def select(self, ctx: RunContext) -> dict[str, str]:
+        from mnq_search.mixprec import allocate, bit_sensitivity, bits_summary, layer_relevance, set_layer_bits
+
+        st = ctx.settings
+        if not st.budget:
+            raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
+        t = time.perf_counter()
+        ev = evaluator_for(ctx)
+        start, kl_start, family = self.best_uniform(ev, ctx)
+        sens, kl0 = bit_sensitivity(ev, start, st.search_bits, progress=st.progress)
+        importance = None
+        if st.importance == "lrp":
+            importance = layer_relevance(ctx.model, [x for x, _ in ctx.validation_batches(min(st.val_size, 256))])
+            importance = {n: importance.get(n, 0.0) for n in sens}
+        alloc, budget = allocate(ctx.qmodel, sens, st.budget, importance)
+        set_layer_bits(ctx.qmodel, alloc.choice)
+        t_alloc = time.perf_counter() - t
+        if self.arg == "sequential":
+            seq = SequentialStrategy()
+            assignment = seq.select(ctx)
+            methods = {"strategy": "sequential", **{k: v for k, v in seq.info.items() if k != "trace"}}
+        else:
+            ev2 = evaluator_for(ctx)
+            assignment, kl, family = self.best_uniform(ev2, ctx)
+            methods = {"strategy": f"uniform:{family}", "kl": kl}
+        self.info = {"budget": st.budget, "budget_bops": budget, "search_bits": [b for b, _ in st.search_bits],
+                     "importance": st.importance, "baseline_family": family if self.arg != "sequential" else None,
+                     "kl_baseline_bits": kl0, "allocation_objective": alloc.objective, "allocation_s": round(t_alloc, 1),
+                     "methods": methods, "bits": bits_summary(ctx.qmodel),
+                     "sensitivity": {n: {f"w{w}a{a}": v for (w, a), v in row.items()} for n, row in sens.items()},
+                     "seconds": round(time.perf_counter() - t, 1)}
+        return assignment

@@ -1,0 +1,91 @@
+"""Bit-widths per layer on a converted model (issue 14): setting them, scoring them incrementally,
+their sensitivity, and the allocation under a budget (Mix-QViT)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from mnq_search.calibrate import calibrate
+from mnq_search.convert import convert_model
+from mnq_search.errors import UsageError
+from mnq_search.incremental import IncrementalEvaluator
+from mnq_search.methods import uniform_assignment
+from mnq_search.mixprec import (allocate, bit_sensitivity, bits_summary, layer_bits, layer_macs, parse_budget,
+                                set_layer_bits, total_bops)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, in_chans=1,
+                              num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()
+    q = convert_model(model, bits=8)
+    q.set_assignment(uniform_assignment("ibert", q.slot_ops()))
+    return model, q
+
+
+def test_set_bits_requantizes_weights_and_inputs():
+    _, q = _tiny()
+    fc1 = q.model.blocks[0].mlp.fc1
+    w8, _ = fc1.linear.quant_weight()
+    set_layer_bits(q, {"blocks.0.mlp.fc1": (4, 5)})
+    w4, s4 = fc1.linear.quant_weight()  # the cache follows the bit-width
+    assert int(w8.abs().max()) == 127 and int(w4.abs().max()) == 7
+    assert fc1.q_in.bits == 5 and layer_bits(q)["blocks.0.mlp.fc1"] == (4, 5)
+    with pytest.raises(UsageError):
+        set_layer_bits(q, {"blocks.0.mlp.fc9": (4, 4)})
+    with pytest.raises(UsageError):
+        set_layer_bits(q, {"blocks.0.mlp.fc1": (3, 4)})
+    assert layer_bits(q)["blocks.0.mlp.fc1"] == (4, 5)  # unchanged by the rejected calls
+    del s4
+
+
+def test_evaluator_with_bits_equals_a_fresh_calibration():
+    model, q = _tiny()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(8, 1, 28, 28, generator=gen)]
+    val = [torch.randn(8, 1, 28, 28, generator=gen)]
+    a = q.get_assignment()
+    ev = IncrementalEvaluator(q, model, calib, val)
+    ev.score(a)
+    base = layer_bits(q)
+    for change in ({"blocks.1.mlp.fc2": (4, 4)}, {"blocks.0.attn.qkv": (5, 5), "head": (6, 6)}, {}):
+        bits = {**base, **change}
+        kl = ev.score(a, bits=bits)
+        fresh = copy.deepcopy(q)
+        set_layer_bits(fresh, bits)
+        calibrate(fresh, [(x, None) for x in calib])
+        with torch.inference_mode():
+            logits = fresh(val[0])
+            ref = F.log_softmax(model(val[0]).double(), -1)
+        want = float(F.kl_div(F.log_softmax(logits.double(), -1), ref, reduction="sum", log_target=True)) / 8
+        assert kl == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_sensitivity_and_allocation_under_the_budget():
+    model, q = _tiny()
+    gen = torch.Generator().manual_seed(2)
+    ev = IncrementalEvaluator(q, model, [torch.randn(8, 1, 28, 28, generator=gen)],
+                              [torch.randn(8, 1, 28, 28, generator=gen)])
+    cands = ((4, 4), (6, 6), (8, 8))
+    sens, kl0 = bit_sensitivity(ev, q.get_assignment(), cands)
+    assert set(sens) == set(layer_bits(q)) and len(sens) == 2 * 4 + 2  # block linears, patch embedding, head
+    assert all(row[(8, 8)] == 0.0 for row in sens.values())
+    assert sum(row[(4, 4)] for row in sens.values()) > 0  # 4 bits hurt on the whole
+    macs = layer_macs(q)
+    for budget in ("w8a8", "w6a6", "w4a4"):
+        alloc, value = allocate(q, sens, budget)
+        assert value == parse_budget(budget, macs)
+        assert total_bops(macs, alloc.choice) == alloc.cost <= value
+    alloc, _ = allocate(q, sens, "w4a4")
+    assert set(alloc.choice.values()) == {(4, 4)}  # the cheapest setting is the only one that fits
+    alloc, _ = allocate(q, sens, "w8a8")
+    assert alloc.objective == pytest.approx(min(0.0, sum(min(r.values()) for r in sens.values())))
+    set_layer_bits(q, alloc.choice)
+    summary = bits_summary(q)
+    assert summary["bops_per_image"] == alloc.cost and len(summary["layers"]) == 10
+    del kl0
