@@ -37,6 +37,19 @@ def _eval_size(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an image count or 'all', got {text!r}") from None
 
 
+def _add_recipe_args(g) -> None:
+    g.add_argument("--qat-recipe", default="plain", choices=("plain", "vvtq"),
+                   help="QAT recipe (--qat-epochs and the qat objective too): plain, or vvtq (oscillation tracking "
+                        "and the variation-aware regulariser) (default: plain)")
+    g.add_argument("--vvtq-strength", type=float, default=0.01, help="vvtq: the regulariser's final strength (default: 0.01)")
+    g.add_argument("--vvtq-freeze", type=float, default=None,
+                   help="vvtq: freeze weights whose EMA oscillation frequency exceeds this (default: no freezing)")
+
+
+def _qat_recipe(args) -> dict:
+    return dict(recipe=args.qat_recipe, vvtq_strength=args.vvtq_strength, vvtq_freeze=args.vvtq_freeze)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=None,
@@ -134,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sensitivity", action="store_true",
                    help="measure the sensitivity table even when the strategy does not need it")
     p.add_argument("--qat-epochs", type=int, default=0, help="QAT epochs after the assignment (default: 0, PTQ only)")
+    _add_recipe_args(p)
     p.add_argument("--groups", default="1", metavar="SPEC",
                    help="input quantizers of the block linears and attention probabilities (IGQ-ViT): 1 per tensor, "
                         "G instance-aware groups, channel (static per channel), or alloc:G (group counts allocated "
@@ -166,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qat-batch-size", type=int, default=128, help="global training batch (default: 128)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     g.add_argument("--distill", action="store_true", help="distil from the float model (logits KL)")
+    _add_recipe_args(g)
     g.add_argument("--resume", default=None, help="continue the run in this folder from its last checkpoint")
     g.add_argument("--out", default=None, help="output folder (default: the --resume folder, else runs/qat)")
     _add_model_args(p)
@@ -252,6 +267,15 @@ def _settings(args, **extra) -> "RunSettings":
                        **extra)
 
 
+def _run_qat_config(args):
+    """The QAT settings of run (--qat-epochs, the qat objective): None (the defaults) unless a recipe is asked."""
+    if args.qat_recipe == "plain" and args.vvtq_strength == 0.01 and args.vvtq_freeze is None:
+        return None
+    from .qat import QATConfig
+
+    return QATConfig(**_qat_recipe(args))
+
+
 def _search_bits(text: str) -> tuple:
     """``--search-bits`` as (weight, activation) pairs, parsed without torch."""
     try:
@@ -298,7 +322,8 @@ def _cmd_run(args) -> int:
     settings = _settings(args, strategy=args.strategy, out=args.out, asqnr_form=args.asqnr_form,
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
                          sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups,
-                         budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance)
+                         budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance,
+                         qat=_run_qat_config(args))
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)
@@ -345,7 +370,7 @@ def _cmd_qat(args) -> int:
     from .qat import QATConfig
 
     qcfg = QATConfig(epochs=args.epochs or 1, steps=args.steps, lr=args.lr, batch_size=args.qat_batch_size,
-                     weight_decay=args.weight_decay, distill=args.distill, seed=args.seed)
+                     weight_decay=args.weight_decay, distill=args.distill, seed=args.seed, **_qat_recipe(args))
     res = qat_job(args.assignment, _settings(args), qcfg, args.out, args.resume,
                   bits_given=args.bits is not None, fine_grid_given=args.fine_grid is not None)
     if res:

@@ -38,7 +38,7 @@ from .data import DataSource
 from .errors import UsageError
 from .io import atomic_path, atomic_write_text, csv_text
 
-HISTORY_FIELDS = ("epoch", "step", "loss", "top1", "images_per_s")
+HISTORY_FIELDS = ("epoch", "step", "loss", "top1", "images_per_s", "osc_rate")
 
 
 @dataclass
@@ -57,8 +57,19 @@ class QATConfig:
     holdout: int | None = None  # training images held out (None: the validation split; at least that)
     seed: int = 0
     eval_every_steps: int | None = None  # also evaluate every K steps (for pruners), not only per epoch
+    recipe: str = "plain"  # "vvtq": oscillation tracking and the variation-aware regulariser (mnq_search.vvtq)
+    vvtq_strength: float = 0.01  # the regulariser's final strength (VVTQ's schedule)
+    vvtq_freeze: float | None = None  # freeze weights whose EMA oscillation frequency exceeds this
 
     def validate(self) -> None:
+        from .vvtq._recipe import RECIPES
+
+        if self.recipe not in RECIPES:
+            raise UsageError(f"--qat-recipe: choose from {', '.join(RECIPES)} (got {self.recipe!r})")
+        if self.vvtq_strength < 0:
+            raise UsageError(f"--vvtq-strength must be non-negative, got {self.vvtq_strength}")
+        if self.vvtq_freeze is not None and not 0 <= self.vvtq_freeze < 1:
+            raise UsageError(f"--vvtq-freeze must be in [0, 1), got {self.vvtq_freeze}")
         if self.epochs <= 0 and not self.steps:
             raise UsageError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps <= 0:
@@ -163,6 +174,15 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         _set_rng_state(st["rng"])
     else:
         torch.manual_seed(cfg.seed)
+    recipe = None
+    if cfg.recipe == "vvtq":
+        from .vvtq._recipe import VvtqOptions, VvtqRecipe
+
+        if step > 0:
+            raise UsageError("resuming a --qat-recipe vvtq run is not supported yet (its oscillation counts are not "
+                             "checkpointed): start it again")
+        recipe = VvtqRecipe(model, VvtqOptions(max_strength=cfg.vvtq_strength, freeze_threshold=cfg.vvtq_freeze),
+                            total, epochs)
 
     steps_this_call = 0
     for epoch in range(start_epoch, epochs):
@@ -185,9 +205,15 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
                 kl = F.kl_div(F.log_softmax(logits / cfg.distill_temp, -1), F.log_softmax(t_logits / cfg.distill_temp, -1),
                               reduction="batchmean", log_target=True) * cfg.distill_temp**2
                 loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
+            if recipe is not None:
+                reg = recipe.penalty(step)
+                if reg is not None:
+                    loss = loss + reg
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if recipe is not None:
+                recipe.after_step()
             step += 1
             steps_this_call += 1
             seen += x.shape[0] * dist.world()
@@ -215,7 +241,11 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
             if on_eval is not None and top1 is not None:
                 on_eval(step, top1)
         history.append(dict(epoch=epoch + 1, step=step, loss=round(loss_sum / max(n_loss, 1), 5),
-                            top1=None if top1 is None else round(top1, 3), images_per_s=round(rate, 1)))
+                            top1=None if top1 is None else round(top1, 3), images_per_s=round(rate, 1),
+                            osc_rate=None if recipe is None else round(recipe.end_epoch(epoch + 1), 6)))
+        if recipe is not None and out is not None and dist.is_main():
+            atomic_write_text(Path(out) / "oscillation.csv",
+                              csv_text(("epoch", "layer", "rate", "mean_frequency", "frozen"), recipe.epoch_rows))
         if ckpt_path is not None and dist.is_main():
             with atomic_path(ckpt_path) as tmp:
                 torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step, epoch=epoch + 1,

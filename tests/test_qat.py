@@ -159,3 +159,50 @@ def test_eval_every_steps_reports_mid_epoch(data):
                      eval_fn=lambda m: 50.0, on_eval=lambda step, top1: seen.append(step))
     assert seen == [3, 4, 6, 8]  # every 3 steps, plus both epoch ends (4 steps per epoch)
     assert [h["step"] for h in hist] == seen and all(h["top1"] == 50.0 for h in hist)
+
+
+def test_vvtq_recipe_tracks_oscillations_and_regularises(data, tmp_path):
+    """--qat-recipe vvtq: every weight layer's integers are tracked each step, the epoch's
+    oscillation rates are written, and once the schedule is past its first quarter the loss holds
+    the variation-aware term, which pulls weights of oscillating modules toward their bin centres."""
+    from mnq_search.vvtq import bin_regularizer
+
+    q = quant_model(data, method="ibert")
+    for m in q.modules():  # 4-bit weights oscillate more, and quickly
+        if hasattr(m, "weight_bits"):
+            m.weight_bits = 4
+    hist = train_qat(q, data, cfg(epochs=4, lr=5e-3, recipe="vvtq", vvtq_strength=1.0), out=tmp_path, progress=False)
+    rates = [h["osc_rate"] for h in hist]
+    assert all(0 <= r <= 1 for r in rates) and max(rates) > 0  # weights did flip
+    rows = (tmp_path / "oscillation.csv").read_text().splitlines()
+    assert rows[0] == "epoch,layer,rate,mean_frequency,frozen" and len(rows) == 1 + 4 * (2 * 4 + 2)
+    assert "osc_rate" in (tmp_path / "history.csv").read_text().splitlines()[0]
+    # the same run without the recipe has no oscillation column values
+    q2 = quant_model(data, method="ibert")
+    assert all(h["osc_rate"] is None for h in train_qat(q2, data, cfg(epochs=1), progress=False))
+    # the term itself: zero at bin centres, positive away from them (the regulariser's unit tests)
+    w = torch.tensor([0.0, 1.0, 2.0])
+    assert float(bin_regularizer(w, 1.0, 4)) == 0.0 and float(bin_regularizer(w + 0.3, 1.0, 4)) > 0
+
+
+def test_vvtq_recipe_penalty_follows_the_schedule(data):
+    from mnq_search.vvtq._recipe import VvtqOptions, VvtqRecipe
+
+    q = quant_model(data)
+    r = VvtqRecipe(q, VvtqOptions(max_strength=1.0, momentum=1.0), total_steps=100, epochs=4)
+    assert len(r.layers) == 2 * 4 + 2
+    r.after_step()
+    assert r.penalty(99) is None  # no flips yet: no module varies
+    layer = r.layers["blocks.0.mlp.fc1"]
+    with torch.no_grad():  # a flip: one weight one step up, then back down
+        s = layer.weight_scale()[0]
+        layer.weight[0, 0] += s
+        r.after_step()
+        layer.weight[0, 0] -= s
+        r.after_step()
+    assert r.tracker.counts("blocks.0.mlp.fc1").sum() == 1
+    assert r.penalty(10) is None  # the first quarter of training: strength 0
+    with torch.no_grad():
+        layer.weight[0, 1] += 0.3 * layer.weight_scale()[0]  # off its bin centre
+    pen = r.penalty(99)
+    assert pen is not None and float(pen.detach()) > 0 and pen.requires_grad
