@@ -16,7 +16,7 @@ cell is one ``mnq-search run`` (result.json, correct.npz) under ``--work``; fini
 and skipped when the script runs again. Writes studies/results/mixed_precision.csv and
 benchmarks/results/mixed_precision.md.
 
-Usage: python benchmarks/mixed_precision.py [--budgets 6,4] [--val-size 1000] [--work DIR]
+Usage: python benchmarks/mixed_precision.py [--budgets 6,4] [--val-size 1000] [--strategies mixqvit] [--work DIR]
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="6,4")
     ap.add_argument("--val-size", type=int, default=1000)
     ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "mixed_precision"))
+    ap.add_argument("--strategies", default="mixqvit,mixqvit:sequential",
+                    help="the allocated rows (default: mixqvit,mixqvit:sequential)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     try:
@@ -88,7 +90,7 @@ def main() -> None:
         base = cell(work, f"w{b}a{b}-uniform", not args.quiet, strategy=f"uniform:{fam}", bits=b, **common)
         base["label"], base["budget"] = f"uniform:{fam}", f"w{b}a{b}"
         rows.append(base)
-        for strategy in ("mixqvit", "mixqvit:sequential"):
+        for strategy in args.strategies.split(","):
             c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}", not args.quiet, strategy=strategy, bits=8,
                      budget=f"w{b}a{b}", **common)
             c["label"], c["budget"] = strategy, f"w{b}a{b}"
