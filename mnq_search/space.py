@@ -202,10 +202,6 @@ class SearchSpace:
             if missing:
                 raise UsageError(f"the assignment leaves {len(missing)} variables without a value (e.g. {missing[0]!r})")
 
-    def complete(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """``values`` with every missing variable at its default, in the space's order."""
-        return {v.name: values.get(v.name, v.default) for v in self}
-
     def apply(self, qmodel: QuantModel, values: Mapping[str, Any]) -> None:
         """Set every variable's value on ``qmodel``, kind by kind."""
         for kind in dict.fromkeys(v.kind for v in self):
