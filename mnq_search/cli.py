@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate bit-widths per weight layer, weights and activations together (default: 4,5,6,8)")
     g.add_argument("--importance", default="none", choices=("none", "lrp"),
                    help="layer importance that weighs the sensitivity (default: none)")
+    g.add_argument("--joint-bits", action="store_true",
+                   help="optuna/random: search a bit-width per weight layer (from --search-bits) with the methods; "
+                        "with --objective proxy,bops --sampler nsga2, an accuracy x BOPs Pareto front")
     _add_model_args(p)
     _add_quant_args(p)
     _add_search_args(p)
@@ -323,7 +326,7 @@ def _cmd_run(args) -> int:
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
                          sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups,
                          budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance,
-                         qat=_run_qat_config(args))
+                         joint_bits=args.joint_bits, qat=_run_qat_config(args))
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)

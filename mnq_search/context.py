@@ -68,6 +68,7 @@ class RunSettings:
     budget: str | None = None  # mixqvit: BOPs budget, "w6a6" or a count like "1.2G"
     search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit: candidate (weight, activation) bits
     importance: str = "none"  # mixqvit: layer importance, "none" or "lrp"
+    joint_bits: bool = False  # a bit-width per weight layer in the search space (optuna, random)
 
     def validate(self) -> "RunSettings":
         """Raise a one-line UsageError for the first bad value; returns self."""
@@ -100,7 +101,6 @@ class RunSettings:
         from .groups import parse_groups
 
         self.groups = str(parse_groups(self.groups))
-        self._validate_mixqvit()
         if self.asqnr_form not in ASQNR_FORMS:
             raise UsageError(f"unknown ASQNR form {self.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
         is_optuna = self.strategy.partition(":")[0] == "optuna"
@@ -112,6 +112,7 @@ class RunSettings:
             self.search = (self.search or SearchOptions()).validate()
         if self.qat is not None:
             self.qat.validate()
+        self._validate_mixqvit()
         return self
 
     def _validate_mixqvit(self) -> None:
@@ -121,12 +122,16 @@ class RunSettings:
                                                         str(self.budget).strip()):
             raise UsageError(f"--budget: use a uniform setting like 'w6a6' or a BOPs count like '1.2G', got {self.budget!r}")
         is_mixqvit = self.strategy.partition(":")[0] == "mixqvit"
-        if self.budget is not None and not is_mixqvit:
-            raise UsageError("--budget applies only to --strategy mixqvit")
+        bops_search = (self.strategy.partition(":")[0] == "optuna" and self.joint_bits and self.search is not None
+                       and "bops" in self.search.objectives)
+        if self.budget is not None and not (is_mixqvit or bops_search):
+            raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits and the bops objective")
         if is_mixqvit and self.budget is None:
             raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
         if self.importance not in ("none", "lrp"):
             raise UsageError(f"--importance: choose from none, lrp (got {self.importance!r})")
+        if self.joint_bits and self.strategy.partition(":")[0] not in ("optuna", "random"):
+            raise UsageError("--joint-bits applies to --strategy optuna or random (mixqvit allocates bits itself)")
         pairs = tuple(tuple(p) for p in self.search_bits)
         if not pairs or any(len(p) != 2 or not all(isinstance(b, int) and 4 <= b <= 8 for b in p) for p in pairs):
             raise UsageError(f"--search-bits: bit-widths must be in 4..8, got {self.search_bits!r}")

@@ -89,13 +89,18 @@ class QuantModel(nn.Module):
         return {name: slot.method for name, slot in self.slots.items()}
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
-        """Set the method of every slot named in ``assignment``, and every method parameter named
-        as ``<slot>#<method>.<param>`` (validated first: nothing changes when a name, a method or a
-        value is wrong)."""
+        """Set the method of every slot named in ``assignment``, every method parameter named
+        as ``<slot>#<method>.<param>`` and every weight layer's bit-width named ``<layer>@bits``
+        (validated first: nothing changes when a name, a method or a value is wrong)."""
         from .plan import validate_assignment
-        from .slot import split_param_key
+        from .slot import split_bits, split_param_key
 
+        assignment, bits = split_bits(assignment)
         validate_assignment(assignment, self.slot_ops())
+        if bits:  # "<layer>@bits": a weight layer's bit-width (weights and inputs), set_layer_bits checks all first
+            from .mixprec import set_layer_bits
+
+            set_layer_bits(self, {layer: (b, b) for layer, b in bits.items()})
         slots = self.slots
         for name, value in assignment.items():
             key = split_param_key(name)

@@ -112,7 +112,11 @@ class IncrementalEvaluator:
         """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named);
         ``groups``: group settings of group layers (:mod:`mnq_search.groups`), ``bits``: (weight,
         activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs."""
-        assignment = dict(assignment)
+        from .slot import split_bits
+
+        assignment, key_bits = split_bits(assignment)
+        if key_bits:
+            bits = {**(bits or {}), **{layer: (b, b) for layer, b in key_bits.items()}}
         changed_bits = [n for n, b in (bits or {}).items() if self.current_bits.get(n) != tuple(b)]
         for n in changed_bits:
             if n not in self.bits_layers:

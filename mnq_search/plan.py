@@ -25,13 +25,15 @@ from typing import Any
 from .errors import UsageError
 from .io import atomic_write_json, read_json
 from .methods import OPS
-from .slot import method_params, methods_for, split_param_key
+from .slot import bits_key, method_params, methods_for, split_bits, split_param_key
 
 
 def split_assignment(assignment: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """(slot -> method, parameter key -> value) of an assignment."""
-    methods = {k: v for k, v in assignment.items() if split_param_key(k) is None}
-    return methods, {k: v for k, v in assignment.items() if k not in methods}
+    """(slot -> method, parameter key -> value) of an assignment (bit-width keys left out:
+    :func:`mnq_search.slot.split_bits`)."""
+    rest, _ = split_bits(assignment)
+    methods = {k: v for k, v in rest.items() if split_param_key(k) is None}
+    return methods, {k: v for k, v in rest.items() if k not in methods}
 
 
 def validate_assignment(assignment: Mapping[str, str], slot_ops: Mapping[str, str]) -> None:
@@ -81,7 +83,9 @@ def counts(assignment: Mapping[str, str], slot_ops: Mapping[str, str]) -> dict[s
 
 def save_assignment(path: str | Path, assignment: Mapping[str, str], **meta: Any) -> None:
     methods, params = split_assignment(assignment)
-    atomic_write_json(path, {**meta, "slots": methods, **({"params": params} if params else {})})
+    bits = split_bits(assignment)[1]
+    atomic_write_json(path, {**meta, "slots": methods, **({"params": params} if params else {}),
+                             **({"layer_bits": bits} if bits else {})})
 
 
 def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -112,4 +116,7 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
         raise UsageError(f"assignment file {path} leaves {len(missing)} slots without a method "
                          f"(e.g. {missing[0]!r}); name them or give a per-op 'default'")
     validate_assignment(params, slot_ops)
-    return {**{n: resolved[n] for n in slot_ops}, **params}, meta
+    layer_bits = meta.pop("layer_bits", {})
+    if not isinstance(layer_bits, dict) or not all(isinstance(b, int) and 4 <= b <= 8 for b in layer_bits.values()):
+        raise UsageError(f"assignment file {path}: 'layer_bits' must map weight layers to bit-widths in 4..8")
+    return {**{n: resolved[n] for n in slot_ops}, **params, **{bits_key(k): v for k, v in layer_bits.items()}}, meta

@@ -49,6 +49,19 @@ def param_key(slot: str, method: str, param: str) -> str:
     return f"{slot}{PARAM_SEP}{method}.{param}"
 
 
+BITS_SUFFIX = "@bits"  # assignment key of a weight layer's bit-width: "<layer>@bits" -> b (weights and inputs)
+
+
+def bits_key(layer: str) -> str:
+    return layer + BITS_SUFFIX
+
+
+def split_bits(assignment) -> tuple[dict, dict[str, int]]:
+    """(the assignment without bit-width keys, layer -> bit-width of its ``<layer>@bits`` keys)."""
+    rest = {k: v for k, v in assignment.items() if not k.endswith(BITS_SUFFIX)}
+    return rest, {k[: -len(BITS_SUFFIX)]: v for k, v in assignment.items() if k.endswith(BITS_SUFFIX)}
+
+
 def split_param_key(key: str) -> tuple[str, str, str] | None:
     """(slot, method, param) of a parameter key, None for a slot name."""
     if PARAM_SEP not in key:

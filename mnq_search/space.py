@@ -60,7 +60,7 @@ class VariableKind:
     name: str = ""
     file_key: str = ""  # the assignment file's section for this kind's values
 
-    def variables(self, qmodel: QuantModel, families: tuple[str, ...] | None = None) -> list[Variable]:
+    def variables(self, qmodel: QuantModel, families: tuple[str, ...] | None = None, **options) -> list[Variable]:
         raise NotImplementedError
 
     def apply(self, qmodel: QuantModel, values: Mapping[str, Any]) -> None:
@@ -88,7 +88,7 @@ class _MethodKind(VariableKind):
     name = "method"
     file_key = "slots"
 
-    def variables(self, qmodel, families=None):
+    def variables(self, qmodel, families=None, **options):
         return _method_variables(qmodel.slot_ops(), families)
 
     def apply(self, qmodel, values):
@@ -117,7 +117,7 @@ class _ParamKind(VariableKind):
     name = "param"
     file_key = "params"
 
-    def variables(self, qmodel, families=None):
+    def variables(self, qmodel, families=None, **options):
         return _param_variables(qmodel.slot_ops(), families)
 
     def apply(self, qmodel, values):
@@ -141,6 +141,30 @@ def _param_variables(slot_ops: Mapping[str, str], families: tuple[str, ...] | No
 register_kind(_ParamKind())
 
 
+class _BitsKind(VariableKind):
+    """The bit-width of each weight layer, weights and inputs together (Mix-QViT), named
+    ``<layer>@bits``; choices: the ``bits`` option (default 4, 5, 6, 8) and the layer's current
+    bit-width, its default. Only in spaces that ask for it (``--joint-bits``)."""
+
+    name = "bits"
+    file_key = "layer_bits"
+
+    def variables(self, qmodel, families=None, bits=(4, 5, 6, 8), **options):
+        from .mixprec import layer_bits
+        from .slot import bits_key
+
+        out = []
+        for layer, (_, a) in layer_bits(qmodel).items():
+            out.append(Variable(bits_key(layer), "bits", tuple(sorted(set(bits) | {a})), a, "bits"))
+        return out
+
+    def apply(self, qmodel, values):
+        qmodel.set_assignment(dict(values))
+
+
+register_kind(_BitsKind())
+
+
 class SearchSpace:
     """An ordered collection of variables (see the module docstring)."""
 
@@ -152,14 +176,15 @@ class SearchSpace:
 
     @classmethod
     def from_model(cls, qmodel: QuantModel, kinds: tuple[str, ...] = ("method", "param"),
-                   families: tuple[str, ...] | None = None) -> "SearchSpace":
+                   families: tuple[str, ...] | None = None, **options) -> "SearchSpace":
         """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot, from
-        ``families`` or every registered family, and the per-slot parameters of those methods)."""
+        ``families`` or every registered family, and the per-slot parameters of those methods;
+        ``"bits"`` adds a bit-width per weight layer, choices from the ``bits`` option)."""
         out: list[Variable] = []
         for k in kinds:
             if k not in _KINDS:
                 raise unknown_choice("variable kind", k, _KINDS)
-            out += _KINDS[k].variables(qmodel, families)
+            out += _KINDS[k].variables(qmodel, families, **options)
         return cls(out)
 
     @classmethod
@@ -231,6 +256,8 @@ class SearchSpace:
         out = self.active(values)
         for var in self:
             if var.kind == "param" and var.name not in out and out.get(var.group) == split_param_key(var.name)[1]:
+                out[var.name] = var.default
+            elif var.kind == "bits" and var.name not in out:
                 out[var.name] = var.default
         return out
 

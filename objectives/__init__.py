@@ -4,7 +4,7 @@
 >>> "sqnr_diff" in list_objectives()
 True
 >>> list_objectives(Objective)
-['cost', 'proxy', 'proxy_sqnr', 'qat']
+['bops', 'cost', 'proxy', 'proxy_sqnr', 'qat']
 """
 
 from ._base import DIRECTIONS as DIRECTIONS
@@ -19,5 +19,6 @@ from . import sqnr_diff as sqnr_diff  # noqa: E402
 from . import proxy as proxy  # noqa: E402
 from . import qat as qat  # noqa: E402
 from . import cost as cost  # noqa: E402
+from . import bops as bops  # noqa: E402
 
 __all__ = ["DIRECTIONS", "LayerScore", "Objective", "get_objective", "list_objectives", "register_objective"]

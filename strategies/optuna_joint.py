@@ -187,7 +187,18 @@ class OptunaStrategy(Strategy):
                              "run longer (--timeout) or check the failed trials with 'mnq-search export'")
         front = sorted(study.best_trials, key=lambda t: (_sort_key(t.values, objectives), t.number))
         best = front[0]
-        assignment = {slot: best.params[slot] for slot in ctx.slot_ops}
+        budget = None
+        if ctx.settings.budget is not None:  # the best front point within the BOPs budget
+            from mnq_search.mixprec import parse_budget
+
+            i = opts.objectives.index("bops")
+            budget = parse_budget(ctx.settings.budget, objectives[i].macs) / 1e9
+            within = [t for t in front if t.values[i] <= budget]
+            if not within:
+                raise UsageError(f"no trial of the front lies within the budget {ctx.settings.budget} "
+                                 f"({budget:.4g} GBOPs); the cheapest costs {min(t.values[i] for t in front):.4g}")
+            best = within[0]
+        assignment = ctx.search_space.active(dict(best.params))  # methods, their parameters, bit-widths
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
         self.front = [{"number": t.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, t.values)},
                        "counts": counts(t.params, ctx.slot_ops), "slots": dict(t.params)} for t in front]
@@ -201,6 +212,7 @@ class OptunaStrategy(Strategy):
             "warm_starts": {t.number: t.user_attrs["warm_start"] for t in study.get_trials(deepcopy=False)
                             if "warm_start" in t.user_attrs and t.system_attrs.get("failed_trial") is None},
             "pareto_size": len(front) if len(objectives) > 1 else None,
+            "budget_gbops": budget,
         }
         return assignment
 

@@ -86,6 +86,22 @@ def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys):
     assert s["methods"]["strategy"].startswith("uniform:")
 
 
+def test_joint_bits_and_methods_front_and_budget(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "optuna", "--objective", "proxy,bops", "--sampler", "nsga2", "--joint-bits",
+                            "--search-bits", "4,6", "--budget", "w6a6", "--n-trials", "8", "--warm-start", "uniform:ibert",
+                            "--val-size", "20", "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    gbops = [p["values"]["gbops"] for p in front]
+    kls = [p["values"]["kl"] for p in front]
+    assert kls == sorted(kls) and gbops == sorted(gbops, reverse=True)  # a front: cheaper means worse
+    assert result["layer_bits"]["bops_per_image"] / 1e9 <= result["search"]["budget_gbops"]
+    saved = json.loads((out / "assignment.json").read_text())["layer_bits"]
+    assert len(saved) == 12 * 4 + 2 and set(saved.values()) <= {4, 6, 8}
+
+
 def test_the_greedy_rule_picks_the_lowest_diff(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["run", "--strategy", "sqnr_diff", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
@@ -205,6 +221,9 @@ def _bad_cases(tmp_path, ckpt):
         "bad budget": (["run", "--strategy", "mixqvit", "--budget", "six bits", *c], "--budget"),
         "bad search bits": (["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "2,8", *c],
                             "--search-bits"),
+        "joint bits with sequential": (["run", "--strategy", "sequential", "--joint-bits", *c], "--joint-bits"),
+        "budget with optuna proxy only": (["run", "--strategy", "optuna", "--joint-bits", "--budget", "w6a6", *c],
+                                          "--budget applies only"),
         "bad mixqvit argument": (["run", "--strategy", "mixqvit:random", "--budget", "w6a6", *c], "mixqvit:sequential"),
         "unknown slot": (["eval", "--assignment", str(bad_assign), *c], "unknown slot 'blocks.0.nrm1' (did you mean 'blocks.0.norm1'?)"),
         "method invalid for op": (["eval", "--assignment", str(bad_method), *c], "not valid for gelu"),

@@ -28,8 +28,9 @@ def set_layer_bits(qmodel, bits: Mapping[str, Bits]) -> None:
     for name, pair in bits.items():
         if name not in layers or not hasattr(layers[name], "set_bits"):
             raise UsageError(f"bits: {name!r} is not a quantized weight layer of this model")
-        if len(tuple(pair)) != 2:
-            raise UsageError(f"bits of {name}: expected (weight bits, activation bits), got {pair!r}")
+        pair = tuple(pair)
+        if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and 4 <= b <= 8 for b in pair):
+            raise UsageError(f"bits of {name}: expected (weight bits, activation bits) in 4..8, got {pair!r}")
     for name, (w, a) in bits.items():
         layers[name].set_bits(int(w), int(a))
 

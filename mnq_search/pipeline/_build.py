@@ -37,4 +37,9 @@ def open_run(settings: RunSettings, training: bool = False, validation: int = 0)
     model = model.to(device)
     qmodel = convert_model(model, settings.bits, fine_grid=settings.fine_grid, nl_bits=settings.nl_bits).to(device)
     return RunContext(settings=settings, slot_ops=qmodel.slot_ops(), model=model, qmodel=qmodel, data=data,
-                      device=device, info=info, space=SearchSpace.from_model(qmodel, families=settings.families))
+                      device=device, info=info, space=SearchSpace.from_model(qmodel, kinds=_kinds(settings), families=settings.families,
+                                                   bits=tuple(b for b, _ in settings.search_bits)))
+
+
+def _kinds(settings: RunSettings) -> tuple[str, ...]:
+    return ("method", "param", "bits") if settings.joint_bits else ("method", "param")

@@ -101,6 +101,10 @@ def run(settings: RunSettings) -> dict[str, Any]:
     result.update(extra)
     if group_record is not None:
         result["groups"] = group_record
+    if settings.joint_bits:
+        from ..mixprec import bits_summary
+
+        result["layer_bits"] = bits_summary(qmodel)
     result["sensitivity_measured"] = ctx.sensitivity is not None
     if outcome.search is not None:
         result["search"] = outcome.search

@@ -89,3 +89,33 @@ def test_sensitivity_and_allocation_under_the_budget():
     summary = bits_summary(q)
     assert summary["bops_per_image"] == alloc.cost and len(summary["layers"]) == 10
     del kl0
+
+
+def test_bit_widths_as_assignment_keys_and_search_variables(tmp_path):
+    from mnq_search.plan import load_assignment, save_assignment
+    from mnq_search.space import SearchSpace
+    from objectives.bops import BopsObjective
+
+    _, q = _tiny()
+    space = SearchSpace.from_model(q, kinds=("method", "param", "bits"), bits=(4, 6))
+    bits_vars = space.variables("bits")
+    assert [v.name for v in bits_vars][:2] == ["patch_embed.proj@bits", "blocks.0.attn.qkv@bits"]
+    assert len(bits_vars) == 10 and all(v.choices == (4, 6, 8) and v.default == 8 for v in bits_vars)
+    a = dict(q.get_assignment(), **{"blocks.0.mlp.fc1@bits": 4, "head@bits": 6})
+    assert space.complete(a)["blocks.1.mlp.fc2@bits"] == 8  # a bit-width left out: the default
+    q.set_assignment(a)
+    assert layer_bits(q)["blocks.0.mlp.fc1"] == (4, 4) and layer_bits(q)["head"] == (6, 6)
+    before = layer_bits(q)
+    for bad in ({"blocks.0.mlp.fc1@bits": 3}, {"blocks.0.mlp.fc7@bits": 4}, {"blocks.0.nrm1": "ibert", "head@bits": 4}):
+        with pytest.raises(UsageError):
+            q.set_assignment(bad)
+        assert layer_bits(q) == before  # checked before anything changes
+    # the assignment file keeps them in a "layer_bits" section and reads them back
+    save_assignment(tmp_path / "a.json", a, model="tiny")
+    again, _ = load_assignment(tmp_path / "a.json", q.slot_ops())
+    assert again == a
+    # the BOPs objective counts MACs x w x a with those bit-widths, the rest at the model's
+    obj = BopsObjective()
+    obj.macs, obj.base = layer_macs(q), {n: (8, 8) for n in layer_macs(q)}
+    want = sum(m * (16 if n == "blocks.0.mlp.fc1" else 36 if n == "head" else 64) for n, m in obj.macs.items())
+    assert obj.evaluate(a) == pytest.approx(want / 1e9)
