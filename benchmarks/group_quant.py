@@ -128,7 +128,7 @@ class Bench:
                "label": _label(setting), "top1": res["top1"], "images": res["images"],
                "eval_s": round(res["seconds"], 1), "bops_per_image": G.total_cost(self.shapes, spec),
                "per_tensor_bops_per_image": G.total_cost(self.shapes, {}),
-               "group_counts": {str(k): v for k, v in sorted(_hist(spec).items())},
+               "group_counts": {str(k): v for k, v in sorted(_hist(spec).items(), key=lambda kv: str(kv[0]))},
                "counts": counts(assign["assignment"], self.ctx.slot_ops), **extra}
         correct = res["correct"].numpy()
         tmp = npz.with_suffix(".tmp.npz")

@@ -6,8 +6,10 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
 
 - ``uniform``: every layer at b bits, the family with the lowest validation KL (``uniform:<family>``
   over the registered families);
-- ``mixqvit``: baseline 8 bits, per-layer bits from {4, 5, 6, 8} allocated by the sensitivity ILP
-  under the budget, then the best uniform family on the allocated model;
+- ``mixqvit``: the model at b bits (so the quantizers that no budget counts, the q/k/v operands of
+  the attention products, stay at b bits as in the uniform row), per-layer bits from {4, 5, 6, 8}
+  allocated by the sensitivity ILP under the budget (sensitivities relative to b bits), then the
+  best uniform family on the allocated model;
 - ``mixqvit:sequential``: the same allocation, then the ``sequential`` method search.
 
 Selection on ``--val-size`` validation images; top-1 on all 10,000 test images; each cell against the
@@ -91,7 +93,7 @@ def main() -> None:
         base["label"], base["budget"] = f"uniform:{fam}", f"w{b}a{b}"
         rows.append(base)
         for strategy in args.strategies.split(","):
-            c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}", not args.quiet, strategy=strategy, bits=8,
+            c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}", not args.quiet, strategy=strategy, bits=b,
                      budget=f"w{b}a{b}", **common)
             c["label"], c["budget"] = strategy, f"w{b}a{b}"
             c["cmp"] = paired_comparison(c["correct"], base["correct"])
