@@ -96,3 +96,23 @@ def method_sqnr(op: str, method: str, bits: int, seed: int = 0, fine_grid: bool 
     with torch.no_grad():
         y, _ = mod(x, s)
         return sqnr_db(mod.float_op(x, *mod.grad_params()), y), float(s)
+
+
+def fresh_kl(qmodel, float_model, calib, val, setup) -> tuple[float, "torch.Tensor"]:
+    """The reference the incremental evaluator's tests compare with: a fresh copy of ``qmodel``,
+    changed by ``setup(copy)``, calibrated on the image batches ``calib``; returns (mean KL(float ||
+    quantized) per image over the batch ``val``, its quantized logits)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from .calibrate import calibrate
+
+    fresh = copy.deepcopy(qmodel)
+    setup(fresh)
+    calibrate(fresh, [(x, None) for x in calib])
+    with torch.inference_mode():
+        logits = fresh(val)
+        ref = F.log_softmax(float_model(val).double(), -1)
+    kl = float(F.kl_div(F.log_softmax(logits.double(), -1), ref, reduction="sum", log_target=True)) / val.shape[0]
+    return kl, logits

@@ -4,7 +4,6 @@ the cost, the incremental evaluator with groups, and the allocation under a BOP 
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -19,6 +18,7 @@ from mnq_search.errors import UsageError
 from mnq_search.incremental import IncrementalEvaluator
 from mnq_search.methods import uniform_assignment
 from mnq_search.quant import QLinear, qrange, symmetric_scale
+from mnq_search.testing import fresh_kl
 
 
 def _tiny(kind="vit", bits=4):
@@ -210,13 +210,7 @@ def test_evaluator_with_groups_equals_a_fresh_calibration():
     for spec in ({"blocks.1.mlp.fc1": 4}, {"blocks.1.mlp.fc1": 4, "blocks.0.attn.softmax": 2}, {"blocks.1.mlp.fc1": 1}):
         full = {name: 1 for name in G.group_layers(q)} | spec
         kl = ev.score(a, groups=full)
-        fresh = copy.deepcopy(q)
-        G.set_groups(fresh, full)
-        calibrate(fresh, [(x, None) for x in calib])
-        with torch.inference_mode():
-            logits = fresh(val[0])
-            ref = F.log_softmax(model(val[0]).double(), -1)
-        kl_fresh = float(F.kl_div(F.log_softmax(logits.double(), -1), ref, reduction="sum", log_target=True)) / 8
+        kl_fresh, logits = fresh_kl(q, model, calib, val[0], lambda m, full=full: G.set_groups(m, full))
         assert kl == pytest.approx(kl_fresh, rel=1e-9, abs=1e-12)
         assert torch.equal(ev.logits[0], logits)
 

@@ -3,18 +3,16 @@ their sensitivity, and the allocation under a budget (Mix-QViT)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
-from mnq_search.calibrate import calibrate
 from mnq_search.convert import convert_model
 from mnq_search.errors import UsageError
 from mnq_search.incremental import IncrementalEvaluator
 from mnq_search.methods import uniform_assignment
+from mnq_search.testing import fresh_kl
 from mnq_search.mixprec import (allocate, bit_sensitivity, bits_summary, layer_bits, layer_macs, parse_budget,
                                 set_layer_bits, total_bops)
 
@@ -56,13 +54,7 @@ def test_evaluator_with_bits_equals_a_fresh_calibration():
     for change in ({"blocks.1.mlp.fc2": (4, 4)}, {"blocks.0.attn.qkv": (5, 5), "head": (6, 6)}, {}):
         bits = {**base, **change}
         kl = ev.score(a, bits=bits)
-        fresh = copy.deepcopy(q)
-        set_layer_bits(fresh, bits)
-        calibrate(fresh, [(x, None) for x in calib])
-        with torch.inference_mode():
-            logits = fresh(val[0])
-            ref = F.log_softmax(model(val[0]).double(), -1)
-        want = float(F.kl_div(F.log_softmax(logits.double(), -1), ref, reduction="sum", log_target=True)) / 8
+        want, _ = fresh_kl(q, model, calib, val[0], lambda m, bits=bits: set_layer_bits(m, bits))
         assert kl == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
