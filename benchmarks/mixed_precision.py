@@ -7,8 +7,9 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
 - ``uniform``: every layer at b bits, the family with the lowest validation KL (``uniform:<family>``
   over the registered families);
 - ``mixqvit``: the model at b bits (so the quantizers that no budget counts, the q/k/v operands of
-  the attention products, stay at b bits as in the uniform row), per-layer bits from {4, 5, 6, 8}
-  allocated by the sensitivity ILP under the budget (sensitivities relative to b bits), then the
+  the attention products, stay at b bits as in the uniform row), per-layer bits from ``--search-bits``
+  (default {4, 5, 6, 8}, plus one bit below the budget's when the set has nothing below it: {3, 4, 5,
+  6, 8} at W4A4, where {4, 5, 6, 8} admits only the all-4 point) allocated by the sensitivity ILP under the budget (sensitivities relative to b bits), then the
   best uniform family on the allocated model;
 - ``mixqvit:sequential``: the same allocation, then the ``sequential`` method search.
 
@@ -60,6 +61,13 @@ def best_uniform_family(bits: int, val_size: int, work: Path) -> str:
     return family
 
 
+def candidate_bits(base: list[int], budget_bits: int) -> list[int]:
+    """The per-layer candidates at a uniform budget: ``base``, plus one bit below the budget when ``base``
+    has nothing below it (at the W4A4 budget, candidates {4, 5, 6, 8} leave only the all-4 point)."""
+    below = budget_bits - 1
+    return sorted(set(base) | ({below} if below >= 2 and below < min(base) else set()))
+
+
 def cell(work: Path, name: str, progress: bool, **settings) -> dict:
     out = work / name
     if not (out / "result.json").is_file():
@@ -77,8 +85,15 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "mixed_precision"))
     ap.add_argument("--strategies", default="mixqvit,mixqvit:sequential",
                     help="the allocated rows (default: mixqvit,mixqvit:sequential)")
+    ap.add_argument("--search-bits", default="4,5,6,8",
+                    help="candidate bit-widths per layer; one below the budget's is added when the set has none "
+                         "(default: 4,5,6,8)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    try:
+        base_bits = sorted({int(b) for b in args.search_bits.split(",")})
+    except ValueError:
+        ap.error(f"--search-bits {args.search_bits}: give comma-separated bit-widths, e.g. 4,5,6,8")
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
@@ -92,10 +107,12 @@ def main() -> None:
         base = cell(work, f"w{b}a{b}-uniform", not args.quiet, strategy=f"uniform:{fam}", bits=b, **common)
         base["label"], base["budget"] = f"uniform:{fam}", f"w{b}a{b}"
         rows.append(base)
+        cands = candidate_bits(base_bits, b)
+        tag = "b" + "".join(map(str, cands))
         for strategy in args.strategies.split(","):
-            c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}", not args.quiet, strategy=strategy, bits=b,
-                     budget=f"w{b}a{b}", **common)
-            c["label"], c["budget"] = strategy, f"w{b}a{b}"
+            c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}-{tag}", not args.quiet, strategy=strategy, bits=b,
+                     budget=f"w{b}a{b}", search_bits=tuple((x, x) for x in cands), **common)
+            c["label"], c["budget"], c["candidates"] = strategy, f"w{b}a{b}", ",".join(map(str, cands))
             c["cmp"] = paired_comparison(c["correct"], base["correct"])
             rows.append(c)
         print(", ".join(f"{r['label']} {r['top1_quant']:.2f}" for r in rows if r["budget"] == f"w{b}a{b}"), flush=True)
@@ -107,17 +124,18 @@ def main() -> None:
 
 def _write(rows, args) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["budget", "strategy", "methods", "top1", "top1_val", "images", "budget_bops",
+    w = csv.DictWriter(buf, fieldnames=["budget", "strategy", "candidates", "methods", "top1", "top1_val", "images", "budget_bops",
                                         "bops_per_image", "bits_histogram", "diff_vs_uniform", "lo", "hi", "p_mcnemar",
                                         "p_holm"])
     w.writeheader()
     lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
-             f"python benchmarks/mixed_precision.py --budgets {args.budgets} --val-size {args.val_size} -->", "",
+             f"python benchmarks/mixed_precision.py --budgets {args.budgets} --search-bits {args.search_bits} "
+             f"--val-size {args.val_size} -->", "",
              "Default model (fmnist-deit-tiny), non-linear slots at the budget's bits in every row; selection on "
              f"{args.val_size} validation images, top-1 on all 10,000 test images; Δ against the uniform row of the "
              "same budget (95 % paired bootstrap, exact McNemar, Holm across the table).", "",
-             "| budget | strategy | methods | top-1 % | bits per layer (count) | BOPs / budget | Δ vs uniform [95 % CI] | p (Holm) |",
-             "|---|---|---|---:|---|---:|---|---:|"]
+             "| budget | strategy | candidate bits | methods | top-1 % | bits per layer (count) | BOPs / budget | Δ vs uniform [95 % CI] | p (Holm) |",
+             "|---|---|---|---|---:|---|---:|---|---:|"]
     for r in rows:
         s = r.get("search") or {}
         c = r.get("cmp")
@@ -132,7 +150,8 @@ def _write(rows, args) -> None:
             bops = budget = ""
             ratio = "1.000"
         methods = (s.get("methods") or {}).get("strategy", r["label"])
-        w.writerow({"budget": r["budget"], "strategy": r["label"], "methods": methods, "top1": f"{r['top1_quant']:.2f}",
+        w.writerow({"budget": r["budget"], "strategy": r["label"], "candidates": r.get("candidates", ""),
+                    "methods": methods, "top1": f"{r['top1_quant']:.2f}",
                     "top1_val": r.get("top1_val", ""), "images": r["eval_images"], "budget_bops": budget,
                     "bops_per_image": bops, "bits_histogram": json.dumps(hist),
                     "diff_vs_uniform": f"{c['diff']:.2f}" if c else "", "lo": f"{c['lo']:.2f}" if c else "",
@@ -141,7 +160,7 @@ def _write(rows, args) -> None:
         d = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c else "(reference)"
         p = f"{c['p_holm']:.2g}" if c else ""
         bits_text = ", ".join(f"{k}: {v}" for k, v in sorted(hist.items()))
-        lines.append(f"| {r['budget']} | {r['label']} | {methods} | {r['top1_quant']:.2f} | {bits_text} | {ratio} | "
+        lines.append(f"| {r['budget']} | {r['label']} | {r.get('candidates', '')} | {methods} | {r['top1_quant']:.2f} | {bits_text} | {ratio} | "
                      f"{d} | {p} |")
     atomic_write_text(ROOT / "studies" / "results" / "mixed_precision.csv", buf.getvalue())
     text = "\n".join(lines) + "\n"

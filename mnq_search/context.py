@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .budget import LAYER_BITS, valid_layer_bits
 from .errors import UsageError
 from .runtime import EVAL_BATCH
 
@@ -116,11 +117,13 @@ class RunSettings:
         return self
 
     def _validate_mixqvit(self) -> None:
-        import re
+        from .budget import parse_budget_spec
 
-        if self.budget is not None and not re.fullmatch(r"w\d+a\d+|[0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?\s*[kKmMgGtT]?\s*(BOPs|bops)?",
-                                                        str(self.budget).strip()):
-            raise UsageError(f"--budget: use a uniform setting like 'w6a6' or a BOPs count like '1.2G', got {self.budget!r}")
+        if self.budget is not None:
+            try:
+                parse_budget_spec(self.budget)
+            except UsageError as e:
+                raise UsageError(f"--budget: {e}") from None
         is_mixqvit = self.strategy.partition(":")[0] == "mixqvit"
         bops_search = (self.strategy.partition(":")[0] == "optuna" and self.joint_bits and self.search is not None
                        and "bops" in self.search.objectives)
@@ -133,8 +136,8 @@ class RunSettings:
         if self.joint_bits and self.strategy.partition(":")[0] not in ("optuna", "random"):
             raise UsageError("--joint-bits applies to --strategy optuna or random (mixqvit allocates bits itself)")
         pairs = tuple(tuple(p) for p in self.search_bits)
-        if not pairs or any(len(p) != 2 or not all(isinstance(b, int) and 4 <= b <= 8 for b in p) for p in pairs):
-            raise UsageError(f"--search-bits: bit-widths must be in 4..8, got {self.search_bits!r}")
+        if not pairs or any(len(p) != 2 or not all(valid_layer_bits(b) for b in p) for p in pairs):
+            raise UsageError(f"--search-bits: bit-widths must be in {LAYER_BITS[0]}..{LAYER_BITS[1]}, got {self.search_bits!r}")
         self.search_bits = pairs
 
     def replace(self, **changes: Any) -> "RunSettings":

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .budget import LAYER_BITS, valid_layer_bits
 from .errors import UsageError
 from .io import atomic_write_json, read_json
 from .methods import OPS
@@ -117,6 +118,7 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
                          f"(e.g. {missing[0]!r}); name them or give a per-op 'default'")
     validate_assignment(params, slot_ops)
     layer_bits = meta.pop("layer_bits", {})
-    if not isinstance(layer_bits, dict) or not all(isinstance(b, int) and 4 <= b <= 8 for b in layer_bits.values()):
-        raise UsageError(f"assignment file {path}: 'layer_bits' must map weight layers to bit-widths in 4..8")
+    if not isinstance(layer_bits, dict) or not all(valid_layer_bits(b) for b in layer_bits.values()):
+        raise UsageError(f"assignment file {path}: 'layer_bits' must map weight layers to bit-widths in "
+                         f"{LAYER_BITS[0]}..{LAYER_BITS[1]}")
     return {**{n: resolved[n] for n in slot_ops}, **params, **{bits_key(k): v for k, v in layer_bits.items()}}, meta

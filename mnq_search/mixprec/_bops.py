@@ -17,20 +17,16 @@ int32 accumulator grid).
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from mnq_search.budget import parse_budget_spec
 from mnq_search.errors import UsageError
 
 Bits = tuple[int, int]
 DEFAULT_BITS: Bits = (8, 8)
-_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_UNIFORM = re.compile(r"w(\d+)a(\d+)", re.IGNORECASE)
-_ABSOLUTE = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)\s*(?:bops)?", re.IGNORECASE)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -221,15 +217,7 @@ def parse_budget(text: str, macs: Mapping[str, int]) -> float:
     Returns:
         The budget in BOPs per image.
     """
-    s = str(text).strip()
-    uniform = _UNIFORM.fullmatch(s)
-    if uniform:
-        w, a = _pair(f"budget {text!r}", (uniform.group(1), uniform.group(2)))
-        return float(total_bops(macs, default=(w, a)))
-    absolute = _ABSOLUTE.fullmatch(s)
-    if absolute:
-        value = float(absolute.group(1)) * _UNITS[absolute.group(2).lower()]
-        if value > 0 and math.isfinite(value):
-            return value
-    raise UsageError(f"bad budget {text!r}: use a uniform setting like 'w6a6' or a positive BOPs count "
-                     "like '2.5e9' or '1.2G'")
+    spec = parse_budget_spec(text)
+    if spec.bits is not None:
+        return float(total_bops(macs, default=spec.bits))
+    return spec.bops

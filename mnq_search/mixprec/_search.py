@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from mnq_search.budget import LAYER_BITS, valid_layer_bits
 from mnq_search.errors import UsageError
 
 from ._allocate import Allocation, allocate_bits, build_options
@@ -29,8 +30,9 @@ def set_layer_bits(qmodel, bits: Mapping[str, Bits]) -> None:
         if name not in layers or not hasattr(layers[name], "set_bits"):
             raise UsageError(f"bits: {name!r} is not a quantized weight layer of this model")
         pair = tuple(pair)
-        if len(pair) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and 4 <= b <= 8 for b in pair):
-            raise UsageError(f"bits of {name}: expected (weight bits, activation bits) in 4..8, got {pair!r}")
+        if len(pair) != 2 or not all(valid_layer_bits(b) for b in pair):
+            raise UsageError(f"bits of {name}: expected (weight bits, activation bits) in "
+                             f"{LAYER_BITS[0]}..{LAYER_BITS[1]}, got {pair!r}")
     for name, (w, a) in bits.items():
         layers[name].set_bits(int(w), int(a))
 

@@ -35,13 +35,11 @@ def check_groups(value: object, channels: int, what: str = "groups") -> int | st
 
 
 def _set_bits(wrapper: nn.Module, layer: nn.Module, weight_bits: int, act_bits: int) -> None:
-    from ..integer import check_bits
+    from ..budget import LAYER_BITS, valid_layer_bits
 
     for what, b in (("weight bits", weight_bits), ("activation bits", act_bits)):
-        try:
-            check_bits(b)
-        except ValueError as exc:
-            raise UsageError(f"{what}: {exc}") from None
+        if not valid_layer_bits(b):  # one layer may go below the model's 4..8 (Mix-QViT allocations)
+            raise UsageError(f"{what}: must be an integer in {LAYER_BITS[0]}..{LAYER_BITS[1]}, got {b!r}")
     layer.weight_bits = int(weight_bits)
     wrapper.q_in.bits = int(act_bits)
 

@@ -37,9 +37,15 @@ def test_set_bits_requantizes_weights_and_inputs():
     with pytest.raises(UsageError):
         set_layer_bits(q, {"blocks.0.mlp.fc9": (4, 4)})
     with pytest.raises(UsageError):
-        set_layer_bits(q, {"blocks.0.mlp.fc1": (3, 4)})
+        set_layer_bits(q, {"blocks.0.mlp.fc1": (1, 4)})
     assert layer_bits(q)["blocks.0.mlp.fc1"] == (4, 5)  # unchanged by the rejected calls
     del s4
+    for b, qmax in ((3, 3), (2, 1)):  # one layer may go below the model's 4 bits
+        set_layer_bits(q, {"blocks.0.mlp.fc1": (b, b)})
+        w, _ = fc1.linear.quant_weight()
+        assert int(w.abs().max()) == qmax and fc1.q_in.bits == b
+        x = torch.randn(2, 1, 28, 28)
+        assert torch.isfinite(q(x)).all()
 
 
 def test_evaluator_with_bits_equals_a_fresh_calibration():

@@ -113,7 +113,7 @@ def test_bias_is_int32_at_the_accumulator_scale():
 
 # --- fake-quant forward vs the integer path ----------------------------------------------------------
 
-@pytest.mark.parametrize("bits, w_bits, bias", [(8, 8, True), (4, 4, True), (8, 6, False), (6, 8, True)])
+@pytest.mark.parametrize("bits, w_bits, bias", [(8, 8, True), (4, 4, True), (8, 6, False), (6, 8, True), (3, 3, True), (4, 2, True)])
 def test_linear_forward_matches_forward_int(bits, w_bits, bias):
     lin = QuantLinear.from_float(float_linear(24, 10, bias), w_bits)
     x, q_x, s_x = grid_input((3, 5, 24), bits)

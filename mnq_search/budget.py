@@ -1,0 +1,52 @@
+"""The syntax of a BOPs budget, without torch: checked by the CLI before any heavy import.
+
+A budget is either a uniform setting (``"w6a6"``: the BOPs of every weight layer at 6-bit weights and
+6-bit activations, resolved against a model's MACs by :func:`mnq_search.mixprec.parse_budget`) or an
+absolute count (``"2.5e9"``, ``"1.2G"``, ``"800M"``, an optional ``"BOPs"`` suffix).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple
+
+from mnq_search.errors import UsageError
+
+_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_UNIFORM = re.compile(r"w(\d+)a(\d+)", re.IGNORECASE)
+_ABSOLUTE = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)\s*(?:bops)?", re.IGNORECASE)
+MAX_BITS = 32
+# Bit-widths one weight layer may take (--search-bits, layer_bits in assignment files); the model-wide
+# --bits stays in 4..8, where every non-linear method is defined.
+LAYER_BITS = (2, 8)
+
+
+def valid_layer_bits(b: object) -> bool:
+    """Whether ``b`` is a bit-width a single weight layer may take."""
+    return isinstance(b, int) and not isinstance(b, bool) and LAYER_BITS[0] <= b <= LAYER_BITS[1]
+
+
+class BudgetSpec(NamedTuple):
+    """A parsed budget: ``bits`` (w, a) for a uniform setting, else ``bops`` per image."""
+
+    bits: tuple[int, int] | None
+    bops: float | None
+
+
+def parse_budget_spec(text: object) -> BudgetSpec:
+    """Parse a budget string; a one-line :class:`UsageError` for anything else."""
+    s = str(text).strip()
+    uniform = _UNIFORM.fullmatch(s)
+    if uniform:
+        w, a = int(uniform.group(1)), int(uniform.group(2))
+        if not (1 <= w <= MAX_BITS and 1 <= a <= MAX_BITS):
+            raise UsageError(f"budget {text!r}: bits must be in 1..{MAX_BITS}")
+        return BudgetSpec((w, a), None)
+    absolute = _ABSOLUTE.fullmatch(s)
+    if absolute:
+        value = float(absolute.group(1)) * _UNITS[absolute.group(2).lower()]
+        if value > 0 and math.isfinite(value):
+            return BudgetSpec(None, value)
+    raise UsageError(f"bad budget {text!r}: use a uniform setting like 'w6a6' or a positive BOPs count "
+                     "like '2.5e9' or '1.2G'")
