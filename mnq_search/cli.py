@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BOPs budget: a uniform setting like w6a6 or a count like 1.2G (required by mixqvit)")
     g.add_argument("--search-bits", default="4,5,6,8", metavar="BITS",
                    help="candidate bit-widths per weight layer (2..8), weights and activations together (default: 4,5,6,8)")
-    g.add_argument("--importance", default="none", choices=("none", "lrp"),
-                   help="layer importance that weighs the sensitivity (default: none)")
+    g.add_argument("--importance", default="none", choices=("none", "lrp", "hessian"),
+                   help="layer importance that weighs the sensitivity: none, LRP relevance, or HAWQ Hessian "
+                        "trace (default: none)")
     g.add_argument("--joint-bits", action="store_true",
                    help="optuna/random: search a bit-width per weight layer (from --search-bits) with the methods; "
                         "with --objective proxy,bops --sampler nsga2, an accuracy x BOPs Pareto front")

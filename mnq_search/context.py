@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .space import SearchSpace
 
 ASQNR_FORMS = ("amplitude", "eq10")
+IMPORTANCES = ("none", "lrp", "hessian")  # mixqvit: what weighs each layer's bit sensitivity
 
 
 @dataclass
@@ -68,7 +69,7 @@ class RunSettings:
     groups: str = "1"  # input quantizers of the block linears and probabilities (mnq_search.groups.parse_groups)
     budget: str | None = None  # mixqvit: BOPs budget, "w6a6" or a count like "1.2G"
     search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit: candidate (weight, activation) bits
-    importance: str = "none"  # mixqvit: layer importance, "none" or "lrp"
+    importance: str = "none"  # mixqvit: layer importance, one of IMPORTANCES
     joint_bits: bool = False  # a bit-width per weight layer in the search space (optuna, random)
 
     def validate(self) -> "RunSettings":
@@ -131,8 +132,8 @@ class RunSettings:
             raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits and the bops objective")
         if is_mixqvit and self.budget is None:
             raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
-        if self.importance not in ("none", "lrp"):
-            raise UsageError(f"--importance: choose from none, lrp (got {self.importance!r})")
+        if self.importance not in IMPORTANCES:
+            raise UsageError(f"--importance: choose from {', '.join(IMPORTANCES)} (got {self.importance!r})")
         if self.joint_bits and self.strategy.partition(":")[0] not in ("optuna", "random"):
             raise UsageError("--joint-bits applies to --strategy optuna or random (mixqvit allocates bits itself)")
         pairs = tuple(tuple(p) for p in self.search_bits)

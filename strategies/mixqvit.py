@@ -6,7 +6,9 @@ the non-linear methods (issue 14).
 2. Sensitivity: the validation KL increase when one weight layer alone takes each candidate of
    ``--search-bits`` (weight and activation bits together), every other layer at the baseline.
 3. Importance: 1 for every layer (``--importance none``, the default: the KL is already measured at
-   the model's output), or the layer's share of the LRP relevance of the float model (``lrp``).
+   the model's output), the layer's share of the LRP relevance of the float model (``lrp``), or
+   HAWQ-V2's average Hessian trace per weight of the float model's validation loss, Hutchinson
+   estimate, negative noise clipped to 0 (``hessian``).
 4. Allocation: the integer program (``scipy.optimize.milp``) minimising the summed importance x
    sensitivity under ``--budget`` (``w6a6``: the BOPs of every layer at 6/6; or a BOPs count).
 5. Methods after the allocation: ``mixqvit`` keeps the best uniform family (re-chosen on validation
@@ -39,7 +41,8 @@ class MixQViTStrategy(_ValidationStrategy):
             raise UsageError(f"unknown argument of strategy mixqvit {arg!r}; choose from: mixqvit, mixqvit:sequential")
 
     def select(self, ctx: RunContext) -> dict[str, str]:
-        from mnq_search.mixprec import allocate, bit_sensitivity, bits_summary, layer_relevance, set_layer_bits
+        from mnq_search.mixprec import (allocate, bit_sensitivity, bits_summary, hessian_importance, layer_relevance,
+                                        set_layer_bits)
 
         st = ctx.settings
         if not st.budget:
@@ -52,6 +55,10 @@ class MixQViTStrategy(_ValidationStrategy):
         if st.importance == "lrp":
             importance = layer_relevance(ctx.model, [x for x, _ in ctx.validation_batches(min(st.val_size, 256))])
             importance = {n: importance.get(n, 0.0) for n in sens}
+        elif st.importance == "hessian":  # HAWQ-V2: Hutchinson trace per weight, noise below 0 clipped
+            trace = hessian_importance(ctx.model, list(ctx.validation_batches(min(st.val_size, 256))),
+                                       seed=st.seed, layers=list(sens))
+            importance = {n: max(trace.get(n, 0.0), 0.0) for n in sens}
         alloc, budget = allocate(ctx.qmodel, sens, st.budget, importance)
         set_layer_bits(ctx.qmodel, alloc.choice)
         t_alloc = time.perf_counter() - t
@@ -64,7 +71,7 @@ class MixQViTStrategy(_ValidationStrategy):
             assignment, kl, family = self.best_uniform(ev2, ctx)
             methods = {"strategy": f"uniform:{family}", "kl": kl}
         self.info = {"budget": st.budget, "budget_bops": budget, "search_bits": [b for b, _ in st.search_bits],
-                     "importance": st.importance, "baseline_family": family if self.arg != "sequential" else None,
+                     "importance": st.importance, "layer_importance": importance, "baseline_family": family if self.arg != "sequential" else None,
                      "kl_baseline_bits": kl0, "allocation_objective": alloc.objective, "allocation_s": round(t_alloc, 1),
                      "methods": methods, "bits": bits_summary(ctx.qmodel),
                      "sensitivity": {n: {f"w{w}a{a}": v for (w, a), v in row.items()} for n, row in sens.items()},

@@ -72,10 +72,11 @@ def test_run_with_allocated_groups_records_them_within_budget(ckpt, tmp_path, ca
     assert set(g8["layers"].values()) == {4} and g8["bops_per_image"] == g["budget_bops"]
 
 
-def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("importance", ["none", "hessian"])
+def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys, importance):
     out = tmp_path / "run"
     code, _, err = run_cli(["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "4,8", "--val-size", "20",
-                            "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+                            "--importance", importance, "--checkpoint", ckpt, "--out", out, *FAST], capsys)
     assert code == 0, err
     s = json.loads((out / "result.json").read_text())["search"]
     layers = s["bits"]["layers"]
@@ -84,6 +85,11 @@ def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys):
     assert s["bits"]["bops_per_image"] <= s["budget_bops"]
     assert all(row["w8a8"] == 0.0 for row in s["sensitivity"].values())
     assert s["methods"]["strategy"].startswith("uniform:")
+    weights = s["layer_importance"]
+    if importance == "none":
+        assert weights is None
+    else:  # Hutchinson traces per weight, one per weight layer, clipped at 0 and not all 0
+        assert set(weights) == set(layers) and min(weights.values()) >= 0 and max(weights.values()) > 0
 
 
 def test_joint_bits_and_methods_front_and_budget(ckpt, tmp_path, capsys):
@@ -219,7 +225,7 @@ def _bad_cases(tmp_path, ckpt):
         "budget without mixqvit": (["run", "--budget", "w6a6", *c], "--budget applies only to --strategy mixqvit"),
         "mixqvit without budget": (["run", "--strategy", "mixqvit", *c], "needs --budget"),
         "bad budget": (["run", "--strategy", "mixqvit", "--budget", "six bits", *c], "--budget"),
-        "bad search bits": (["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "2,8", *c],
+        "bad search bits": (["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "1,8", *c],
                             "--search-bits"),
         "joint bits with sequential": (["run", "--strategy", "sequential", "--joint-bits", *c], "--joint-bits"),
         "budget with optuna proxy only": (["run", "--strategy", "optuna", "--joint-bits", "--budget", "w6a6", *c],
