@@ -11,7 +11,9 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
   (default {4, 5, 6, 8}, plus one bit below the budget's when the set has nothing below it: {3, 4, 5,
   6, 8} at W4A4, where {4, 5, 6, 8} admits only the all-4 point) allocated by the sensitivity ILP under the budget (sensitivities relative to b bits), then the
   best uniform family on the allocated model;
-- ``mixqvit:sequential``: the same allocation, then the ``sequential`` method search.
+- ``mixqvit:sequential``: the same allocation, then the ``sequential`` method search;
+- with ``--post-ln``, also the uniform row with clipped channel-wise post-LayerNorm inputs folded
+  into the LayerNorm and the next linear (``--post-ln channel``, :mod:`mnq_search.reparam`); same cost.
 
 Selection on ``--val-size`` validation images; top-1 on all 10,000 test images; each cell against the
 uniform cell of its budget (95 % paired bootstrap, exact McNemar, Holm across the table). Every
@@ -88,6 +90,8 @@ def main() -> None:
     ap.add_argument("--search-bits", default="4,5,6,8",
                     help="candidate bit-widths per layer; one below the budget's is added when the set has none "
                          "(default: 4,5,6,8)")
+    ap.add_argument("--post-ln", action="store_true",
+                    help="also the uniform row with clipped channel-wise post-LayerNorm inputs (--post-ln channel)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     try:
@@ -107,6 +111,12 @@ def main() -> None:
         base = cell(work, f"w{b}a{b}-uniform", not args.quiet, strategy=f"uniform:{fam}", bits=b, **common)
         base["label"], base["budget"] = f"uniform:{fam}", f"w{b}a{b}"
         rows.append(base)
+        if args.post_ln:  # clipped channel-wise post-LayerNorm inputs (reparameterised), same family and bits
+            c = cell(work, f"w{b}a{b}-uniform-postln", not args.quiet, strategy=f"uniform:{fam}", bits=b,
+                     post_ln="channel", **common)
+            c["label"], c["budget"] = f"uniform:{fam} + post-LN channel", f"w{b}a{b}"
+            c["cmp"] = paired_comparison(c["correct"], base["correct"])
+            rows.append(c)
         cands = candidate_bits(base_bits, b)
         tag = "b" + "".join(map(str, cands))
         for strategy in args.strategies.split(","):
@@ -130,6 +140,7 @@ def _write(rows, args) -> None:
     w.writeheader()
     lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
              f"python benchmarks/mixed_precision.py --budgets {args.budgets} --search-bits {args.search_bits} "
+             f"{'--post-ln ' if args.post_ln else ''}"
              f"--val-size {args.val_size} -->", "",
              "Default model (fmnist-deit-tiny), non-linear slots at the budget's bits in every row; selection on "
              f"{args.val_size} validation images, top-1 on all 10,000 test images; Δ against the uniform row of the "

@@ -74,6 +74,9 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fine-grid", action="store_true", default=None,
                    help="exp/erf kernels on a grid no coarser than 2**-6, an exact left shift "
                         "(default: off, the references' numerics; eval/qat: as the assignment file says)")
+    g.add_argument("--post-ln", default=None, choices=("tensor", "channel"),
+                   help="inputs of qkv and fc1: 'tensor' (one scale) or 'channel' (Mix-QViT clipped channel-wise "
+                        "ranges folded into the LayerNorm and the linear, RepQ-ViT style; eval/qat: the file's)")
     g.add_argument("--calib-size", type=int, default=128, help="calibration images from the train split (default: 128)")
     g.add_argument("--eval-size", type=_eval_size, default=2000,
                    help="evaluation images: a fixed seeded subset of the test split, or 'all' (default: 2000)")
@@ -266,7 +269,8 @@ def _settings(args, **extra) -> "RunSettings":
                        download=args.download, bits=args.bits if args.bits is not None else 8, nl_bits=args.nl_bits,
                        val_size=args.val_size,
                        families=tuple(f.strip() for f in args.families.split(",") if f.strip()) if args.families else None,
-                       fine_grid=bool(args.fine_grid), calib_size=args.calib_size, eval_size=args.eval_size,
+                       fine_grid=bool(args.fine_grid), post_ln=getattr(args, "post_ln", None) or "tensor",
+                       calib_size=args.calib_size, eval_size=args.eval_size,
                        batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet,
                        **extra)
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .space import SearchSpace
 
 ASQNR_FORMS = ("amplitude", "eq10")
+POST_LN_MODES = ("tensor", "channel")  # --post-ln
 IMPORTANCES = ("none", "lrp", "hessian")  # mixqvit: what weighs each layer's bit sensitivity
 
 
@@ -48,6 +49,7 @@ class RunSettings:
     bits: int = 8
     nl_bits: int | None = None  # the non-linear slots' bit-width (None: bits)
     fine_grid: bool = False
+    post_ln: str = "tensor"  # post-LayerNorm inputs: per tensor, or clipped channel-wise folded (reparam.py)
     val_size: int = 1000  # validation images the validation-scored strategies and objectives use
     families: tuple[str, ...] | None = None  # the method families offered to every slot (None: all registered)
     calib_size: int = 128
@@ -103,6 +105,8 @@ class RunSettings:
         from .groups import parse_groups
 
         self.groups = str(parse_groups(self.groups))
+        if self.post_ln not in POST_LN_MODES:
+            raise UsageError(f"--post-ln: choose from {', '.join(POST_LN_MODES)} (got {self.post_ln!r})")
         if self.asqnr_form not in ASQNR_FORMS:
             raise UsageError(f"unknown ASQNR form {self.asqnr_form!r}; choose from: {', '.join(ASQNR_FORMS)}")
         is_optuna = self.strategy.partition(":")[0] == "optuna"

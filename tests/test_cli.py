@@ -155,6 +155,18 @@ def test_fine_grid_flag_is_recorded_and_reused(ckpt, tmp_path, capsys):
     assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval took fine_grid from the file
 
 
+def test_post_ln_channel_is_recorded_and_reused(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "uniform:ibert", "--bits", "4", "--post-ln", "channel", "--checkpoint",
+                            ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["post_ln"] == "channel" and json.loads((out / "assignment.json").read_text())["post_ln"] == "channel"
+    code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval folded the model as the file says
+
+
 def test_imagefolder_and_timm_checkpoint(tmp_path, capsys):
     """--model <timm name> --checkpoint FILE --data imagefolder:PATH (tiny generated images)."""
     torch.manual_seed(0)

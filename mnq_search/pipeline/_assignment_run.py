@@ -29,6 +29,8 @@ def settings_from_assignment(path: str, settings: RunSettings, bits_given: bool,
             changes["nl_bits"] = meta["nl_bits"]
     if not fine_grid_given:
         changes["fine_grid"] = bool(meta.get("fine_grid"))
+    if settings.post_ln == "tensor" and meta.get("post_ln") == "channel":  # the file's unless given
+        changes["post_ln"] = "channel"
     return dataclasses.replace(settings, **changes).validate(), meta
 
 

@@ -35,7 +35,18 @@ def open_run(settings: RunSettings, training: bool = False, validation: int = 0)
         raise UsageError(f"the data set has {data.num_classes} classes but the model's classifier has "
                          f"{model.num_classes} outputs: pass --num-classes or a matching checkpoint")
     model = model.to(device)
+    caps = None
+    if settings.post_ln == "channel":  # the float model itself is reparameterised (the same function)
+        from ..reparam import reparam_post_ln
+
+        model, rec = reparam_post_ln(model, list(data.calib_batches(settings.calib_size, settings.batch_size)),
+                                     settings.bits)
+        caps = rec.caps
     qmodel = convert_model(model, settings.bits, fine_grid=settings.fine_grid, nl_bits=settings.nl_bits).to(device)
+    if caps:
+        from ..reparam import apply_caps
+
+        apply_caps(qmodel, caps)
     return RunContext(settings=settings, slot_ops=qmodel.slot_ops(), model=model, qmodel=qmodel, data=data,
                       device=device, info=info, space=SearchSpace.from_model(qmodel, kinds=_kinds(settings), families=settings.families,
                                                    bits=tuple(b for b, _ in settings.search_bits)))

@@ -25,7 +25,7 @@ def evaluate_assignment(assignment_file: str, settings: RunSettings, results_fil
     calibrate(ctx.qmodel, ctx.calib_batches(), ctx.device)
     res = evaluate(ctx.qmodel, ctx.data.eval_batches(settings.eval_size, settings.batch_size), ctx.device,
                    settings.progress, "quantized eval")
-    out = {"model": ctx.info.name, "bits": settings.bits, "fine_grid": settings.fine_grid,
+    out = {"model": ctx.info.name, "bits": settings.bits, "fine_grid": settings.fine_grid, "post_ln": settings.post_ln,
            "assignment": str(assignment_file), "counts": counts(assignment, ctx.slot_ops),
            "top1": round(res["top1"], 3), "top5": round(res["top5"], 3), "images": res["images"],
            "seconds": round(res["seconds"], 2), "device": device_name(ctx.device)}

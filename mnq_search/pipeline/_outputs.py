@@ -34,6 +34,7 @@ def write_run_outputs(out: Path, result: dict, assignment: dict, rows: list[dict
     written = ["assignment.json"]
     save_assignment(out / "assignment.json", assignment, model=result["model"], bits=result["bits"],
                     nl_bits=result["nl_bits"], fine_grid=result["fine_grid"], strategy=result["strategy"],
+                    **({"post_ln": result["post_ln"]} if result.get("post_ln", "tensor") != "tensor" else {}),
                     seed=result["seed"])
     if rows is not None:
         atomic_write_text(out / "sensitivity.csv", sensitivity_csv(rows))

@@ -187,6 +187,7 @@ def _record(ctx: RunContext, strategy: str, assignment, fp, qres, timings) -> di
         "bits": st.bits,
         "nl_bits": st.nl_bits or st.bits,
         "fine_grid": st.fine_grid,
+        "post_ln": st.post_ln,
         "counts": counts(assignment, ctx.slot_ops),
         "slots": ctx.qmodel.count_slots(),
         "top1_fp": round(fp["top1"], 3),

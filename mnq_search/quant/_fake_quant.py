@@ -35,19 +35,34 @@ class ActQuant(nn.Module):
         self.bits = bits
         self.observer = MinMaxObserver(momentum)
         self.register_buffer("enabled", torch.ones((), dtype=torch.bool))
+        # an upper bound on the calibrated |range| (a clipping threshold chosen offline, e.g. by the
+        # post-LayerNorm reparameterisation); +inf: the observed range as is. Kept across calibrations.
+        self.register_buffer("cap", torch.full((), float("inf")))
         self._enabled = True
+        self._capped = False
+
+    def set_cap(self, value: float) -> None:
+        """Clip the range at ``value`` (> 0), or remove the clip with ``inf``."""
+        if not value > 0:
+            raise ValueError(f"cap must be positive, got {value!r}")
+        self.cap.fill_(float(value))
+        self._capped = bool(torch.isfinite(self.cap))
 
     def set_enabled(self, on: bool) -> None:
         self.enabled.fill_(on)
         self._enabled = bool(on)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "cap" not in state_dict:  # saved before quantizers had a cap: none
+            state_dict[prefix + "cap"] = torch.full((), float("inf"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._enabled = bool(self.enabled)
+        self._capped = bool(torch.isfinite(self.cap))
 
     @property
     def scale(self) -> torch.Tensor:
-        return symmetric_scale(self.observer.absmax(), self.bits)
+        absmax = self.observer.absmax()
+        return symmetric_scale(torch.minimum(absmax, self.cap) if self._capped else absmax, self.bits)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, s = self.quantize(x)

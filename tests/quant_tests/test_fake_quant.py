@@ -218,7 +218,7 @@ def test_act_quant_state_dict_round_trip():
     aq.eval()
     fresh = ActQuant(6).eval()
     fresh.load_state_dict(aq.state_dict())
-    assert set(aq.state_dict()) == {"enabled", "observer.min_val", "observer.max_val", "observer.initialized"}
+    assert set(aq.state_dict()) == {"enabled", "cap", "observer.min_val", "observer.max_val", "observer.initialized"}
     x = torch.randn(10, 16) * 2
     y1, s1 = aq(x)
     y2, s2 = fresh(x)
