@@ -44,10 +44,17 @@ def _add_recipe_args(g) -> None:
     g.add_argument("--vvtq-strength", type=float, default=0.01, help="vvtq: the regulariser's final strength (default: 0.01)")
     g.add_argument("--vvtq-freeze", type=float, default=None,
                    help="vvtq: freeze weights whose EMA oscillation frequency exceeds this (default: no freezing)")
+    g.add_argument("--multicrop", type=int, default=0, metavar="K",
+                   help="multi-crop distillation: K random-resized crops per training image, the float teacher run "
+                        "once per crop and its top-k soft labels cached; QAT trains on them (default: 0, off)")
+    g.add_argument("--multicrop-top-k", type=int, default=5, help="soft-label classes kept per crop (default: 5)")
+    g.add_argument("--multicrop-cache", default=None, metavar="FILE",
+                   help="soft-label cache file (.pt/.npz) to reuse or write (default: <out>/soft_labels.pt for qat)")
 
 
 def _qat_recipe(args) -> dict:
-    return dict(recipe=args.qat_recipe, vvtq_strength=args.vvtq_strength, vvtq_freeze=args.vvtq_freeze)
+    return dict(recipe=args.qat_recipe, vvtq_strength=args.vvtq_strength, vvtq_freeze=args.vvtq_freeze,
+                multicrop=args.multicrop, multicrop_top_k=args.multicrop_top_k, multicrop_cache=args.multicrop_cache)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -277,7 +284,8 @@ def _settings(args, **extra) -> "RunSettings":
 
 def _run_qat_config(args):
     """The QAT settings of run (--qat-epochs, the qat objective): None (the defaults) unless a recipe is asked."""
-    if args.qat_recipe == "plain" and args.vvtq_strength == 0.01 and args.vvtq_freeze is None:
+    if (args.qat_recipe == "plain" and args.vvtq_strength == 0.01 and args.vvtq_freeze is None
+            and not args.multicrop and args.multicrop_cache is None):
         return None
     from .qat import QATConfig
 

@@ -20,7 +20,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -239,6 +239,11 @@ class DataSource:
         augmentation it would get in a single process."""
         raise NotImplementedError
 
+    def train_images_u8(self, holdout: int | None = None) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(the kept training images as uint8 (N, C, H, W), the function that turns uint8 images into
+        model inputs): what multi-crop distillation crops from. In-memory data sets only."""
+        raise UsageError(f"multi-crop distillation needs an in-memory data set (Fashion-MNIST); {self.spec} is not")
+
     def steps_per_epoch(self, batch_size: int, holdout: int | None = None) -> int:
         return (self.train_size - (self.validation_size if holdout is None else holdout)) // batch_size
 
@@ -309,6 +314,10 @@ class FmnistSource(DataSource):
 
     def eval_size(self, n):
         return len(self.test) if n is None else min(n, len(self.test))
+
+    def train_images_u8(self, holdout=None):
+        keep, _ = _holdout_split(len(self.train), self.validation_size if holdout is None else holdout)
+        return self.train.images[keep], lambda u8: normalize_fmnist(u8, self.pad_to)
 
     def train_batches(self, epoch, batch_size, seed, holdout=None, rank=0, world=1, max_shift=2):
         keep, _ = _holdout_split(len(self.train), self.validation_size if holdout is None else holdout)

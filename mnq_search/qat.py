@@ -60,6 +60,9 @@ class QATConfig:
     recipe: str = "plain"  # "vvtq": oscillation tracking and the variation-aware regulariser (mnq_search.vvtq)
     vvtq_strength: float = 0.01  # the regulariser's final strength (VVTQ's schedule)
     vvtq_freeze: float | None = None  # freeze weights whose EMA oscillation frequency exceeds this
+    multicrop: int = 0  # > 0: multi-crop KD from this many cached teacher crops per image (replaces CE)
+    multicrop_top_k: int = 5  # soft-label classes cached per crop
+    multicrop_cache: str | None = None  # the soft-label cache file (default: <out>/soft_labels.pt)
 
     def validate(self) -> None:
         from .vvtq._recipe import RECIPES
@@ -70,6 +73,13 @@ class QATConfig:
             raise UsageError(f"--vvtq-strength must be non-negative, got {self.vvtq_strength}")
         if self.vvtq_freeze is not None and not 0 <= self.vvtq_freeze < 1:
             raise UsageError(f"--vvtq-freeze must be in [0, 1), got {self.vvtq_freeze}")
+        if self.multicrop < 0 or self.multicrop_top_k <= 0:
+            raise UsageError(f"--multicrop must be >= 0 and --multicrop-top-k positive, got {self.multicrop}, "
+                             f"{self.multicrop_top_k}")
+        if self.multicrop and self.distill:
+            raise UsageError("--multicrop already distils from the cached teacher outputs; drop --distill")
+        if self.multicrop_cache is not None and not str(self.multicrop_cache).endswith((".pt", ".npz")):
+            raise UsageError(f"--multicrop-cache files end in .pt or .npz, got {self.multicrop_cache}")
         if self.epochs <= 0 and not self.steps:
             raise UsageError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps <= 0:
@@ -133,7 +143,8 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         data: training batches come from ``data.train_batches`` (minus ``cfg.holdout`` images, at
             least the validation split).
         out: folder for ``checkpoint.pt`` and ``history.csv`` (rank 0), or None for no files.
-        teacher: the float model for ``cfg.distill``.
+        teacher: the float model for ``cfg.distill`` and ``cfg.multicrop`` (its soft labels are cached
+            once: ``cfg.multicrop_cache``, else ``out/soft_labels.pt``, and per process).
         resume: continue from ``out/checkpoint.pt`` if it exists.
         eval_fn: returns the top-1 of the model (after each epoch, at the end of a ``steps`` run, and
             every ``cfg.eval_every_steps`` steps).
@@ -141,8 +152,8 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         stop_after_steps: stop (as if interrupted) after this many steps in this call (tests).
     """
     cfg.validate()
-    if cfg.distill and teacher is None:
-        raise UsageError("--distill needs the float model as teacher")
+    if (cfg.distill or cfg.multicrop) and teacher is None:
+        raise UsageError("--distill and --multicrop need the float model as teacher")
     holdout = data.check_holdout(cfg.holdout)  # never train on the validation split
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size, holdout)
     if steps_per_epoch <= 0:
@@ -184,20 +195,30 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         recipe = VvtqRecipe(model, VvtqOptions(max_strength=cfg.vvtq_strength, freeze_threshold=cfg.vvtq_freeze),
                             total, epochs)
 
+    crops = _soft_labels(data, holdout, cfg, teacher, device, out, progress) if cfg.multicrop else None
+
     steps_this_call = 0
     for epoch in range(start_epoch, epochs):
         model.train()
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(total=min(steps_per_epoch, total - step), desc=f"QAT epoch {epoch + 1}/{epochs}",
                    disable=not (progress and dist.is_main()), leave=False, mininterval=2)
-        for x, y in data.train_batches(epoch, cfg.batch_size, cfg.seed, holdout, dist.rank(), dist.world()):
+        batches = (_crop_batches(crops, epoch, cfg) if crops is not None
+                   else data.train_batches(epoch, cfg.batch_size, cfg.seed, holdout, dist.rank(), dist.world()))
+        for x, y in batches:
             if step >= total:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, cfg)
             logits = (ddp or model)(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if crops is not None:  # y: the crops' cached teacher soft labels
+                from .vvtq import kd_loss
+
+                loss = kd_loss(logits, y)
+            else:
+                y = y.to(device, non_blocking=True)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if cfg.distill:
                 with torch.no_grad(), torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                                                      enabled=device.startswith("cuda")):
@@ -255,6 +276,53 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         if step >= total:
             break
     return history
+
+
+def _soft_labels(data: DataSource, holdout: int, cfg: QATConfig, teacher, device: str, out, progress: bool):
+    """(uint8 training images, their input transform, the soft-label cache): loaded from
+    ``cfg.multicrop_cache`` (or ``<out>/soft_labels.pt``) when it holds these images with enough crops
+    and classes, else built by running the teacher once per crop and saved there."""
+    from .vvtq import SoftLabelCache, build_soft_label_cache
+
+    key = (id(data), id(teacher), holdout, cfg.multicrop, cfg.multicrop_top_k, cfg.seed, str(device))
+    if key in _SOFT_LABELS:  # the short QAT rounds of a search share one cache
+        return _SOFT_LABELS[key]
+    images, transform = data.train_images_u8(holdout)
+    images = images.to(device)
+    path = Path(cfg.multicrop_cache) if cfg.multicrop_cache else (Path(out) / "soft_labels.pt" if out else None)
+    if path is not None and path.is_file():
+        cache = SoftLabelCache.load(path)
+        cache.check_images(images)
+        if (cache.num_crops != cfg.multicrop or cache.top_k != cfg.multicrop_top_k
+                or cache.meta.get("seed") != cfg.seed):
+            raise UsageError(f"{path} holds {cache.num_crops} crops x top-{cache.top_k} (seed "
+                             f"{cache.meta.get('seed')}); this run asks {cfg.multicrop} x top-{cfg.multicrop_top_k} "
+                             f"(seed {cfg.seed}): remove it or name another --multicrop-cache")
+        _SOFT_LABELS[key] = images, transform, cache
+        return _SOFT_LABELS[key]
+    cache = build_soft_label_cache(teacher, images.to(device), cfg.multicrop, cfg.multicrop_top_k, seed=cfg.seed,
+                                   transform=transform, progress=progress and dist.is_main())
+    if path is not None and dist.is_main():
+        cache.save(path)
+    _SOFT_LABELS[key] = images, transform, cache
+    return _SOFT_LABELS[key]
+
+
+_SOFT_LABELS: dict = {}  # soft-label caches built or loaded in this process
+
+
+def _crop_batches(crops, epoch: int, cfg: QATConfig):
+    """One epoch of (student input, soft targets): one cached crop per image, full batches only, this
+    rank's interleaved slice of each global batch."""
+    from .vvtq import SoftTargets, epoch_batches
+
+    images, transform, cache = crops
+    r, w = dist.rank(), dist.world()
+    for b in epoch_batches(cache, images, epoch, cfg.batch_size, 1, cfg.seed):
+        if b.images.shape[0] < cfg.batch_size:
+            return
+        t = b.targets
+        yield transform(b.images[r::w]), SoftTargets(t.indices[r::w], t.probs[r::w], t.rest[r::w], t.temperature)
 
 
 def make_eval_fn(data: DataSource, eval_size: int | None, batch_size: int, device: str, validation: bool = False,

@@ -85,7 +85,7 @@ class QATObjective(Objective):
             else:  # Optuna has no report() for several objectives: keep the curve as an attribute
                 trial.set_user_attr("intermediate", {str(k): v for k, v in seen.items()})
 
-        train_qat(model, data, qcfg, device, None, teacher=ctx.model if qcfg.distill else None,
+        train_qat(model, data, qcfg, device, None, teacher=ctx.model,
                   eval_fn=eval_fn, on_eval=on_eval, progress=False)
         if eval_fn.last is None:
             raise UsageError("the QAT round ended without an evaluation")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from mnq_search.calibrate import calibrate, evaluate
 from mnq_search.convert import convert_model
 from mnq_search.data import FmnistSource
+from mnq_search.errors import UsageError
 from mnq_search.qat import QATConfig, train_qat
 from mnq_search.methods import uniform_assignment
 from tests.conftest import FULL_FMNIST, needs_full_fmnist
@@ -206,3 +207,47 @@ def test_vvtq_recipe_penalty_follows_the_schedule(data):
         layer.weight[0, 1] += 0.3 * layer.weight_scale()[0]  # off its bin centre
     pen = r.penalty(99)
     assert pen is not None and float(pen.detach()) > 0 and pen.requires_grad
+
+
+class _CountingTeacher(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_multicrop_distillation_trains_on_cached_soft_labels(data, tmp_path):
+    """--multicrop K: the teacher runs once per cached crop before training and never during it; the
+    cache file holds the teacher's top-k on those crops and a second run reuses it."""
+    from mnq_search import qat as qat_mod
+    from mnq_search.vvtq import SoftLabelCache
+
+    teacher = _CountingTeacher(tiny_vit(1))
+    q = quant_model(data)
+    qat_mod._SOFT_LABELS.clear()
+    hist = train_qat(q, data, cfg(epochs=4, multicrop=3, multicrop_top_k=4), out=tmp_path, teacher=teacher,
+                     progress=False)
+    assert teacher.calls == 1  # 64 images x 3 crops in one teacher batch of 256, then no teacher call
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist) and hist[-1]["loss"] < hist[0]["loss"]
+    cache = SoftLabelCache.load(tmp_path / "soft_labels.pt")
+    assert (cache.num_images, cache.num_crops, cache.top_k) == (TRAIN_KEEP, 3, 4)
+    images, transform = data.train_images_u8(60_000 - TRAIN_KEEP)
+    with torch.no_grad():  # the cached top-4 are the teacher's on the same crops
+        p = torch.softmax(teacher.model(transform(cache.crops(images, torch.tensor([0, 5]), torch.tensor([2, 0])))), -1)
+    top = p.topk(4, -1)
+    assert torch.equal(top.indices, cache.indices[[0, 5], [2, 0]].long())
+    torch.testing.assert_close(top.values / top.values.sum(-1, keepdim=True), cache.probs[[0, 5], [2, 0]].float(),
+                               atol=2e-3, rtol=0)
+    qat_mod._SOFT_LABELS.clear()
+    teacher.calls = 0
+    train_qat(quant_model(data), data, cfg(epochs=1, multicrop=3, multicrop_top_k=4), out=tmp_path, teacher=teacher,
+              progress=False)
+    assert teacher.calls == 0  # loaded from the file
+    with pytest.raises(UsageError):  # another crop count does not silently reuse the file
+        train_qat(quant_model(data), data, cfg(epochs=1, multicrop=2, multicrop_top_k=4), out=tmp_path,
+                  teacher=teacher, progress=False)
+    with pytest.raises(UsageError):
+        train_qat(quant_model(data), data, cfg(epochs=1, multicrop=2, distill=True), teacher=teacher, progress=False)

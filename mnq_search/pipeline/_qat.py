@@ -57,7 +57,7 @@ def qat_job(assignment_file: str, settings: RunSettings, qcfg: QATConfig, out: s
     eval_fn = make_eval_fn(ctx.data, settings.eval_size, settings.batch_size, device, progress=settings.progress)
     top1_ptq = eval_fn(qmodel) if dist.is_main() else None
     t = time.perf_counter()
-    history = train_qat(qmodel, ctx.data, qcfg, device, folder, teacher=ctx.model if qcfg.distill else None,
+    history = train_qat(qmodel, ctx.data, qcfg, device, folder, teacher=ctx.model,
                         resume=bool(resume), eval_fn=eval_fn, progress=settings.progress)
     seconds = time.perf_counter() - t
     result: dict[str, Any] = {}

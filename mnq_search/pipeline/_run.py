@@ -92,7 +92,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
         t = time.perf_counter()
         eval_fn = make_eval_fn(ctx.data, settings.eval_size, settings.batch_size, ctx.device)
         history = train_qat(qmodel, ctx.data, ctx.qat_config(epochs=settings.qat_epochs), ctx.device, None,
-                            progress=settings.progress, eval_fn=eval_fn)
+                            teacher=ctx.model, progress=settings.progress, eval_fn=eval_fn)
         timings["qat_s"] = time.perf_counter() - t
         write_qat_outputs(Path(settings.out), ctx.model, qmodel, history, ctx.data, settings.calib_size, ctx.device)
     timings["wall_s"] = time.perf_counter() - t_start

@@ -300,7 +300,8 @@ def build_soft_label_cache(teacher: torch.nn.Module, images: torch.Tensor, num_c
                            seed: int = 0, scale: tuple[float, float] = (0.35, 1.0),
                            ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.5,
                            temperature: float = 1.0, batch_size: int = 256,
-                           transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SoftLabelCache:
+                           transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           progress: bool = False) -> SoftLabelCache:
     """Draw ``num_crops`` crops per image, run the teacher once per crop, cache its top-k soft labels.
 
     Args:
@@ -313,6 +314,7 @@ def build_soft_label_cache(teacher: torch.nn.Module, images: torch.Tensor, num_c
         temperature: the teacher's softmax temperature ``T`` (the KD loss uses the same).
         batch_size: crops per teacher call.
         transform: uint8 crops -> teacher input (default: :func:`mnq_search.data.normalize_fmnist`).
+        progress: a progress bar over the teacher calls.
     """
     _check_images(images)
     if not isinstance(top_k, int) or top_k <= 0:
@@ -331,7 +333,9 @@ def build_soft_label_cache(teacher: torch.nn.Module, images: torch.Tensor, num_c
     was_training = teacher.training
     teacher.eval()
     try:
-        for lo in range(0, m, batch_size):
+        from tqdm.auto import tqdm
+
+        for lo in tqdm(range(0, m, batch_size), desc="teacher soft labels", disable=not progress, mininterval=2):
             sel = torch.arange(lo, min(lo + batch_size, m))
             crops = render_crops(images, flat[sel], index=sel // num_crops)
             logits = teacher(transform(crops)).float()

@@ -14,8 +14,9 @@ half-cosine ramp to ``max_strength``). Optionally, weights whose EMA frequency e
 Each epoch's oscillation rate per layer (the fraction of its weights that flipped at least once)
 goes to ``oscillation.csv`` and its weight-weighted mean to the history's ``osc_rate``.
 
-Not in this recipe yet: multi-crop distillation from cached soft labels and LSQ step sizes per
-module (both in this package as building blocks, :mod:`._multicrop`, :mod:`._lsq`).
+Multi-crop distillation from cached soft labels is a QAT option of its own (``--multicrop K``,
+:func:`mnq_search.qat.train_qat`), combined with this recipe for the full VVTQ set-up. Not in the
+recipe yet: LSQ step sizes per module (a building block in :mod:`._lsq`).
 """
 
 from __future__ import annotations
