@@ -325,3 +325,37 @@ def test_helpers_pick_the_largest_spread_and_the_last_evaluation_per_epoch():
     history = [dict(epoch=1.0, top1=10.0), dict(epoch=1.0, top1=20.0), dict(epoch=2.0, top1=None),
                dict(epoch=2.0, top1=30.0)]
     assert top1_per_epoch(history) == ([1.0, 2.0], [20.0, 30.0])
+
+
+def test_bits_heat_map_and_oscillation_plots(tmp_path):
+    from mnq_search.report import make_report
+    from mnq_search.report._lowbit import bits_grid
+
+    layer_bits = {f"blocks.{i}.{k}": b for i in range(3) for k, b in
+                  (("attn.qkv", 8), ("attn.proj", 6), ("mlp.fc1", 5), ("mlp.fc2", 4))}
+    layer_bits.update({"patch_embed.proj": 8, "head": 8})
+    rows, cols, grid = bits_grid(layer_bits)
+    assert rows == ["blocks.0", "blocks.1", "blocks.2", "other"]
+    assert cols[:4] == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] and grid[1, 3] == 4 and grid[3, 4] == 8
+    assert int(torch.isnan(torch.from_numpy(grid)).sum()) == 4 + 2 * 3  # the other row and the block rows' gaps
+    run = tmp_path / "tree" / "mixqvit"
+    run.mkdir(parents=True)
+    (run / "assignment.json").write_text(json.dumps({"model": MODEL, "bits": 6, "strategy": "mixqvit",
+                                                     "slots": {}, "layer_bits": layer_bits}))
+    qat = tmp_path / "tree" / "vvtq"
+    qat.mkdir()
+    (qat / "history.csv").write_text("epoch,step,loss,top1,images_per_s,osc_rate\n1,4,1.0,50.0,10,0.02\n"
+                                     "2,8,0.9,55.0,10,0.01\n")
+    (qat / "oscillation.csv").write_text("epoch,layer,rate,mean_frequency,frozen\n" + "".join(
+        f"{e},blocks.{i}.mlp.fc1,{0.03 / e},0.001,0\n{e},blocks.{i}.attn.qkv,{0.02 / e},0.001,0\n"
+        for e in (1, 2) for i in range(3)))
+    rep = make_report(tmp_path / "tree", histograms=False)
+    names = sorted(p.name for p in rep.plots)
+    assert names == ["bits_mixqvit.png", "fig4_model.png", "oscillation_vvtq.png"]  # fig4: the history's top-1
+    for p in rep.plots:
+        with Image.open(p) as im:
+            im.verify()
+        assert p.stat().st_size > 5_000
+    page = rep.index.read_text()
+    assert "Bits per layer, mixqvit" in page and "4 bits: 3, 5 bits: 3, 6 bits: 3, 8 bits: 5" in page
+    assert "Oscillation rate, vvtq" in page

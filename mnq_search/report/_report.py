@@ -17,6 +17,7 @@ from ..io import atomic_write_text
 from ._histograms import DEFAULT_SLOT_COUNT, check_slots, collect_outputs, pick_slots, plot_histograms
 from ._html import Plot, Section, render_page
 from ._inputs import Folder, Inputs, find_inputs
+from ._lowbit import plot_bits_heatmap, plot_oscillation, read_oscillation
 from ._optuna import optuna_plots
 from ._qat import group_by_model, group_title, plot_qat_asqnr, plot_top1_history
 from ._sensitivity import plot_sensitivity, sensitivity_labels, sensitivity_slots
@@ -87,7 +88,8 @@ def make_report(directory: str | Path, out: str | Path | None = None, slots: Seq
     ctx = _Context(inputs, out_dir, list(slots) if slots else None, images, histograms,
                    device or default_device(), progress)
     sets = _sensitivity_sets(inputs.folders)
-    sections = [_figure1(ctx, sets), _figure2(ctx, sets), _figure3(ctx), _figure4(ctx), _optuna(ctx)]
+    sections = [_figure1(ctx, sets), _figure2(ctx, sets), _figure3(ctx), _figure4(ctx), _layer_bits(ctx),
+                _oscillation(ctx), _optuna(ctx)]
     tables, table_files = _tables(ctx)
     sections.append(tables)
     index = out_dir / "index.html"
@@ -252,6 +254,38 @@ def _figure4(ctx: _Context) -> Section:
                       "(history.csv): the paper's Figure 4; sqnr_diff in red.")
     return _qat_figure(ctx, section, "fig4", lambda f: f.history, plot_top1_history, "Top-1 per epoch",
                        "no QAT folder with history.csv found")
+
+
+def _layer_bits(ctx: _Context) -> Section:
+    section = Section("Bit-widths per layer", "The bit-width (weights and inputs) of every weight layer of runs "
+                      "that allocate them (mixqvit, joint bits search): rows are blocks, columns the block's layers.")
+    for f in ctx.inputs.folders:
+        bits = (f.assignment or {}).get("layer_bits")
+        if isinstance(bits, dict) and bits:
+            path = save_png(plot_bits_heatmap(bits, f"{f.label}: {f.strategy}"), ctx.png("bits", f.label))
+            hist = {b: list(bits.values()).count(b) for b in sorted(set(bits.values()))}
+            section.plots.append(Plot(path, f"Bits per layer, {f.label}",
+                                      "Layers per bit-width: " + ", ".join(f"{b} bits: {n}" for b, n in hist.items()) + "."))
+    if not section.plots:
+        section.skipped.append("no assignment file with per-layer bits (layer_bits) found")
+    return section
+
+
+def _oscillation(ctx: _Context) -> Section:
+    section = Section("Weight oscillation during QAT", "Per epoch, the fraction of each layer's weights whose integer "
+                      "moved up then down or down then up (oscillation.csv of --qat-recipe vvtq runs), mean per "
+                      "layer kind, and the weight-weighted mean over all layers.")
+    for f in ctx.inputs.folders:
+        path = f.path / "oscillation.csv"
+        if not path.is_file():
+            continue
+        overall = [(int(h["epoch"]), float(h["osc_rate"])) for h in f.history or [] if h.get("osc_rate") not in (None, "")]
+        png = save_png(plot_oscillation(read_oscillation(path), overall, f"{f.label}: {f.strategy}"),
+                       ctx.png("oscillation", f.label))
+        section.plots.append(Plot(png, f"Oscillation rate, {f.label}", "From oscillation.csv and history.csv."))
+    if not section.plots:
+        section.skipped.append("no QAT folder with oscillation.csv found")
+    return section
 
 
 def _optuna(ctx: _Context) -> Section:
