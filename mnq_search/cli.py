@@ -44,6 +44,8 @@ def _add_recipe_args(g) -> None:
     g.add_argument("--vvtq-strength", type=float, default=0.01, help="vvtq: the regulariser's final strength (default: 0.01)")
     g.add_argument("--vvtq-freeze", type=float, default=None,
                    help="vvtq: freeze weights whose EMA oscillation frequency exceeds this (default: no freezing)")
+    g.add_argument("--vvtq-lsq", action="store_true",
+                   help="vvtq: learn the weight steps (LSQ) per head for qkv weights, per channel elsewhere")
     g.add_argument("--multicrop", type=int, default=0, metavar="K",
                    help="multi-crop distillation: K random-resized crops per training image, the float teacher run "
                         "once per crop and its top-k soft labels cached; QAT trains on them (default: 0, off)")
@@ -54,6 +56,7 @@ def _add_recipe_args(g) -> None:
 
 def _qat_recipe(args) -> dict:
     return dict(recipe=args.qat_recipe, vvtq_strength=args.vvtq_strength, vvtq_freeze=args.vvtq_freeze,
+                vvtq_lsq=args.vvtq_lsq,
                 multicrop=args.multicrop, multicrop_top_k=args.multicrop_top_k, multicrop_cache=args.multicrop_cache)
 
 
@@ -285,7 +288,7 @@ def _settings(args, **extra) -> "RunSettings":
 def _run_qat_config(args):
     """The QAT settings of run (--qat-epochs, the qat objective): None (the defaults) unless a recipe is asked."""
     if (args.qat_recipe == "plain" and args.vvtq_strength == 0.01 and args.vvtq_freeze is None
-            and not args.multicrop and args.multicrop_cache is None):
+            and not args.vvtq_lsq and not args.multicrop and args.multicrop_cache is None):
         return None
     from .qat import QATConfig
 

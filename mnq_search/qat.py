@@ -60,6 +60,7 @@ class QATConfig:
     recipe: str = "plain"  # "vvtq": oscillation tracking and the variation-aware regulariser (mnq_search.vvtq)
     vvtq_strength: float = 0.01  # the regulariser's final strength (VVTQ's schedule)
     vvtq_freeze: float | None = None  # freeze weights whose EMA oscillation frequency exceeds this
+    vvtq_lsq: bool = False  # vvtq: learn the weight steps (LSQ, module-dependent granularity)
     multicrop: int = 0  # > 0: multi-crop KD from this many cached teacher crops per image (replaces CE)
     multicrop_top_k: int = 5  # soft-label classes cached per crop
     multicrop_cache: str | None = None  # the soft-label cache file (default: <out>/soft_labels.pt)
@@ -71,6 +72,8 @@ class QATConfig:
             raise UsageError(f"--qat-recipe: choose from {', '.join(RECIPES)} (got {self.recipe!r})")
         if self.vvtq_strength < 0:
             raise UsageError(f"--vvtq-strength must be non-negative, got {self.vvtq_strength}")
+        if self.vvtq_lsq and self.recipe != "vvtq":
+            raise UsageError("--vvtq-lsq is part of --qat-recipe vvtq")
         if self.vvtq_freeze is not None and not 0 <= self.vvtq_freeze < 1:
             raise UsageError(f"--vvtq-freeze must be in [0, 1), got {self.vvtq_freeze}")
         if self.multicrop < 0 or self.multicrop_top_k <= 0:
@@ -171,6 +174,12 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
 
         ddp = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None,
                                       broadcast_buffers=False)
+    recipe = None
+    if cfg.recipe == "vvtq":  # before the optimizer: with LSQ, the recipe adds the step parameters
+        from .vvtq._recipe import VvtqOptions, VvtqRecipe
+
+        recipe = VvtqRecipe(model, VvtqOptions(max_strength=cfg.vvtq_strength, freeze_threshold=cfg.vvtq_freeze,
+                                               lsq=cfg.vvtq_lsq), total, epochs)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
     history: list[dict] = []
     step, start_epoch = 0, 0
@@ -185,15 +194,9 @@ def train_qat(qmodel: QuantModel, data: DataSource, cfg: QATConfig, device: str 
         _set_rng_state(st["rng"])
     else:
         torch.manual_seed(cfg.seed)
-    recipe = None
-    if cfg.recipe == "vvtq":
-        from .vvtq._recipe import VvtqOptions, VvtqRecipe
-
-        if step > 0:
-            raise UsageError("resuming a --qat-recipe vvtq run is not supported yet (its oscillation counts are not "
-                             "checkpointed): start it again")
-        recipe = VvtqRecipe(model, VvtqOptions(max_strength=cfg.vvtq_strength, freeze_threshold=cfg.vvtq_freeze),
-                            total, epochs)
+    if recipe is not None and step > 0:
+        raise UsageError("resuming a --qat-recipe vvtq run is not supported yet (its oscillation counts are not "
+                         "checkpointed): start it again")
 
     crops = _soft_labels(data, holdout, cfg, teacher, device, out, progress) if cfg.multicrop else None
 

@@ -251,3 +251,28 @@ def test_multicrop_distillation_trains_on_cached_soft_labels(data, tmp_path):
                   teacher=teacher, progress=False)
     with pytest.raises(UsageError):
         train_qat(quant_model(data), data, cfg(epochs=1, multicrop=2, distill=True), teacher=teacher, progress=False)
+
+
+def test_vvtq_recipe_with_lsq_learns_the_weight_steps(data):
+    """--vvtq-lsq: per-head steps on the fused qkv weights, per-channel elsewhere; the steps move
+    during training and the trained model evaluates on them (integer path included)."""
+    q = quant_model(data, method="ibert")
+    for m in q.modules():
+        if hasattr(m, "weight_bits"):
+            m.weight_bits = 4
+    qkv = q.model.blocks[0].attn.qkv.linear
+    before = qkv.weight_scale().clone()
+    hist = train_qat(q, data, cfg(epochs=2, lr=5e-3, recipe="vvtq", vvtq_lsq=True), progress=False)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert qkv.weight_lsq.granularity == "head" and qkv.weight_lsq.num_steps == 3 * 2
+    assert q.model.blocks[0].mlp.fc1.linear.weight_lsq.granularity == "channel"
+    after = qkv.weight_scale()
+    assert not torch.allclose(before, after)  # learned
+    assert after.view(6, -1).unique(dim=1).shape[1] == 1  # one step per head group of rows
+    q.eval()
+    x, _ = next(data.train_batches(0, 8, 0, holdout=60_000 - TRAIN_KEEP))
+    with torch.no_grad():
+        out = q(x)
+    assert torch.isfinite(out).all()
+    with pytest.raises(UsageError):
+        cfg(vvtq_lsq=True).validate()  # LSQ belongs to the vvtq recipe

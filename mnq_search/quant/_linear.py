@@ -65,10 +65,32 @@ class _WeightQuantMixin:
     weight_bits: int
 
     def weight_scale(self) -> torch.Tensor:
-        """Per-output-channel symmetric scale from the current weights (no gradient)."""
+        """Per-output-channel symmetric scale (no gradient): from the current weights' absolute
+        maximum, or the learned LSQ steps once :meth:`enable_lsq` was called."""
+        lsq = self._lsq()
+        if lsq is not None:
+            return lsq.row_steps(self.weight).detach()
         w = self.weight.detach()
         absmax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
         return symmetric_scale(absmax, self.weight_bits)
+
+    def _lsq(self):
+        return self._modules.get("weight_lsq")
+
+    def enable_lsq(self, granularity: str = "channel", num_heads: int | None = None) -> None:
+        """Learn the weight steps (LSQ, :class:`mnq_search.vvtq.LsqQuantizer`) at ``granularity``
+        (``"channel"``, ``"head"`` with ``num_heads`` for a fused qkv weight, or ``"tensor"``),
+        starting from today's absmax scales (a group's step is its widest row's). The steps stay
+        in the module (``weight_lsq.step``) and give the integer path its per-row scales."""
+        from ..vvtq._lsq import LsqQuantizer
+
+        s_row = self.weight_scale()
+        lsq = LsqQuantizer(self.weight_bits, granularity, channels=self.weight.shape[0], num_heads=num_heads)
+        lsq = lsq.to(self.weight.device)
+        step = s_row if granularity == "channel" else (s_row.max() if granularity == "tensor"
+                                                       else s_row.view(lsq.num_steps, -1).amax(dim=1))
+        lsq.set_step(step)
+        self.weight_lsq = lsq
 
     def quant_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer-valued float weights with STE, per-channel scale).
@@ -76,8 +98,14 @@ class _WeightQuantMixin:
         Outside training and autograd the result is cached until the weights change (their
         version counter moves), so evaluation does not quantize the weights at every batch."""
         w = self.weight
+        lsq = self._lsq()
+        if lsq is not None and self.training and torch.is_grad_enabled() and lsq.step.requires_grad:
+            x_hat, s = lsq.fake_quant_parts(w)  # LSQ's gradients for the weights and the steps
+            ratio = x_hat / s
+            return ratio + (torch.round(ratio) - ratio).detach(), s.reshape(-1)
         cacheable = not self.training and not (torch.is_grad_enabled() and w.requires_grad)
-        key = (w._version, w.data_ptr(), w.device, w.dtype, self.weight_bits)
+        key = (w._version, w.data_ptr(), w.device, w.dtype, self.weight_bits,
+               None if lsq is None else lsq.step._version)
         cache = getattr(self, "_wq_cache", None)
         if cacheable and cache is not None and cache[0] == key:
             return cache[1], cache[2]

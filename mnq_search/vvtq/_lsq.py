@@ -246,6 +246,23 @@ class LsqQuantizer(nn.Module):
             s = _GradScale.apply(s, self.grad_scale_factor(x))
         return _LsqFn.apply(x, self.expand_step(s, x).to(x.dtype), self.qmin, self.qmax)
 
+    def fake_quant_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`forward`'s ``q * s``, the step broadcast to ``x`` with the gradient scale on it)."""
+        self._check(x)
+        if not self._initialized:
+            self.initialize(x)
+        s = torch.clamp(self.step, min=STEP_EPS)
+        if torch.is_grad_enabled() and s.requires_grad:
+            s = _GradScale.apply(s, self.grad_scale_factor(x))
+        s = self.expand_step(s, x).to(x.dtype)
+        return _LsqFn.apply(x, s, self.qmin, self.qmax), s
+
+    def row_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """The step of every row of ``x`` (dim 0), shape ``(rows,)``."""
+        self._check(x)
+        return self.expand_step(torch.clamp(self.step, min=STEP_EPS), x).expand(x.shape[0], *x.shape[1:]).reshape(
+            x.shape[0], -1)[:, 0]
+
     @torch.no_grad()
     def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For an integer path: (the integers ``q`` of ``x`` as int32, the step broadcastable to ``x``).

@@ -16,7 +16,10 @@ goes to ``oscillation.csv`` and its weight-weighted mean to the history's ``osc_
 
 Multi-crop distillation from cached soft labels is a QAT option of its own (``--multicrop K``,
 :func:`mnq_search.qat.train_qat`), combined with this recipe for the full VVTQ set-up. Not in the
-recipe yet: LSQ step sizes per module (a building block in :mod:`._lsq`).
+recipe, with ``lsq``: every weight layer learns its steps (LSQ with its gradient scale,
+:mod:`._lsq`) at the module-dependent granularity (per head for fused qkv weights, per output channel
+elsewhere), starting from the absmax scales; the learned steps stay in the model and are the integer
+path's per-row weight scales.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UsageError
+from ._lsq import module_granularity
 from ._oscillation import OscillationTracker
 from ._regularizer import regularizer_strength, variation_aware_regularizer
 
@@ -38,6 +42,7 @@ class VvtqOptions:
     start_frac: float = 0.25
     momentum: float = 0.01
     freeze_threshold: float | None = None
+    lsq: bool = False  # learn the weight steps (LSQ) at the module-dependent granularity
 
     def validate(self) -> None:
         if not self.max_strength >= 0:
@@ -57,10 +62,29 @@ class VvtqRecipe:
         options.validate()
         self.options = options
         self.layers = _weight_cores(qmodel)
+        self.granularity: dict[str, str] = {}
+        if options.lsq:
+            self._enable_lsq(qmodel)
         self.tracker = OscillationTracker(options.momentum, options.freeze_threshold)
         self.total, self.epochs = total_steps, max(1, epochs)
         self.epoch_rows: list[dict] = []
         self.last_penalty = 0.0
+
+    def _enable_lsq(self, qmodel) -> None:
+        """LSQ steps on every weight layer: per head for fused qkv weights (when the attention module
+        says how many heads), per output channel elsewhere (:func:`module_granularity`)."""
+        root = getattr(qmodel, "model", qmodel)
+        for name, core in self.layers.items():
+            g = module_granularity(name + ".weight")
+            heads = None
+            if g == "head":
+                parent = name.rsplit(".", 1)[0]
+                heads = getattr(root.get_submodule(parent), "num_heads", None) if "." in name else None
+                rows = core.weight.shape[0]
+                if not isinstance(heads, int) or rows % (3 * heads):
+                    g, heads = "channel", None
+            core.enable_lsq(g, heads)
+            self.granularity[name] = g
 
     def _steps(self, core) -> torch.Tensor:
         s = core.weight_scale().detach()

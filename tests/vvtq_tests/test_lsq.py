@@ -224,3 +224,48 @@ def test_bad_arguments():
                 dict(bits=4, granularity="channel"), dict(bits=4, granularity="head")):
         with pytest.raises(UsageError):
             LsqQuantizer(**bad)
+
+
+@pytest.mark.parametrize("granularity, heads", [("channel", None), ("head", 2), ("tensor", None)])
+def test_weight_layer_learns_lsq_steps_with_the_quantizers_gradients(granularity, heads):
+    """QuantLinear.enable_lsq: starts from the absmax scales (a group takes its widest row's), the
+    training forward is the LSQ fake quantizer's output with its gradients for weights and steps,
+    and evaluation quantizes on the learned steps (integers and scales of the integer path)."""
+    import torch.nn.functional as F
+
+    from mnq_search.quant import QuantLinear
+
+    torch.manual_seed(0)
+    lin = QuantLinear.from_float(torch.nn.Linear(8, 12, bias=False), 4)  # the int32 bias follows s_acc too
+    s_abs = lin.weight_scale()
+    lin.enable_lsq(granularity, heads)
+    expect = {"channel": s_abs, "tensor": s_abs.max().expand(12),
+              "head": s_abs.view(6, 2).amax(1).repeat_interleave(2)}[granularity]
+    torch.testing.assert_close(lin.weight_scale(), expect)
+    x = torch.randn(5, 8)
+    s_x = torch.tensor(0.05)
+    q_x = torch.round(x / s_x).clamp(-8, 7)
+    lin.train()
+    y, s_acc = lin.forward_q(q_x, s_x)
+    y.square().sum().backward()
+    g_step, g_w = lin.weight_lsq.step.grad.clone(), lin.weight.grad.clone()
+    # the reference: the same product with the LSQ quantizer's fake-quantized weights
+    ref = LsqQuantizer(4, granularity, channels=12, num_heads=heads)
+    ref.set_step(lin.weight_lsq.step.detach())
+    w = lin.weight.detach().clone().requires_grad_(True)
+    y_ref = F.linear(q_x * s_x, ref(w))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(g_w, w.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_step, ref.step.grad, rtol=1e-3, atol=1e-6)
+    # evaluation: integers on the learned steps; the integer path agrees with the fake-quant forward
+    with torch.no_grad():
+        lin.weight_lsq.step.mul_(1.3)
+    lin.eval()
+    w_int, s_w = lin.quant_weight()
+    torch.testing.assert_close(s_w, lin.weight_lsq.row_steps(lin.weight).detach())
+    assert torch.equal(w_int, torch.clamp(torch.floor(lin.weight.detach() / s_w[:, None] + 0.5), -8, 7))
+    with torch.no_grad():
+        y_eval, s_acc = lin.forward_q(q_x, s_x)
+        acc, _ = lin.forward_int(q_x.long(), s_x)
+    assert torch.equal(torch.round(y_eval / s_acc).long(), acc)
