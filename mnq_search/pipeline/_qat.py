@@ -65,7 +65,9 @@ def qat_job(assignment_file: str, settings: RunSettings, qcfg: QATConfig, out: s
         write_qat_outputs(folder, ctx.model, qmodel, history, ctx.data, settings.calib_size, device)
         save_weights(qmodel, folder / "qat_model.safetensors", dtype=torch.float32)
         save_assignment(folder / "assignment.json", assignment, model=ctx.info.name, bits=settings.bits,
-                        fine_grid=settings.fine_grid, strategy=meta.get("strategy"))
+                        nl_bits=settings.nl_bits or settings.bits, fine_grid=settings.fine_grid,
+                        strategy=meta.get("strategy"),
+                        **({"post_ln": settings.post_ln} if settings.post_ln != "tensor" else {}))
         result = {"strategy": meta.get("strategy"), "model": ctx.info.name, "bits": settings.bits,
                   "fine_grid": settings.fine_grid, "counts": counts(assignment, ctx.slot_ops), "top1_ptq": top1_ptq,
                   "top1_qat": history[-1]["top1"] if history else None, "history": history,

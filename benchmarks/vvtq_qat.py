@@ -1,0 +1,157 @@
+"""Variation-aware QAT (VVTQ) ablation at low bits on the default model (issue 16).
+
+Cells, each one ``mnq-search qat`` run from the same calibrated PTQ model, same data order, epochs
+and seed (the assignment: ``--assignment``, by default the best uniform assignment at the bits):
+
+- ``plain``: task loss (cross-entropy) only; the oscillations are tracked (``--qat-recipe vvtq`` at
+  strength 0 adds no term, so the training is the plain one);
+- ``+multicrop``: multi-crop distillation from K cached teacher crops per image instead of the task loss;
+- ``+lsq``: and learnable weight steps per head (qkv) and per channel (module-dependent);
+- ``full``: and the variation-aware regulariser on VVTQ's schedule (strength ``--strength``).
+
+The training set is a fixed ``--train-images`` subset of the train split (the rest held out, the
+validation split included), so that a CPU can afford the four runs; top-1 on all 10,000 test images,
+paired against ``plain`` (bootstrap interval, exact McNemar, Holm across the table). Resumable: a
+finished cell (its result.json) is skipped. Writes studies/results/vvtq_qat.csv,
+benchmarks/results/vvtq_qat.md and docs/report-default/vvtq_oscillation.png.
+
+Usage: python benchmarks/vvtq_qat.py --assignment A.json [--bits 4] [--epochs 3] [--train-images 6400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mnq_search.context import RunSettings  # noqa: E402
+from mnq_search.io import atomic_write_text  # noqa: E402
+from mnq_search.pipeline._qat import qat_job  # noqa: E402
+from mnq_search.qat import QATConfig  # noqa: E402
+from mnq_search.stats import holm, paired_comparison, unpack  # noqa: E402
+
+TRAIN_TOTAL = 60_000
+
+
+def cells(args) -> dict[str, dict]:
+    mc = dict(multicrop=args.crops, multicrop_cache=str(Path(args.work) / "soft_labels.pt"))
+    return {
+        "plain": dict(recipe="vvtq", vvtq_strength=0.0),
+        "+multicrop": dict(recipe="vvtq", vvtq_strength=0.0, **mc),
+        "+lsq": dict(recipe="vvtq", vvtq_strength=0.0, vvtq_lsq=True, **mc),
+        "full": dict(recipe="vvtq", vvtq_strength=args.strength, vvtq_lsq=True, **mc),
+    }
+
+
+def run_cell(name: str, changes: dict, args) -> dict:
+    out = Path(args.work) / name.strip("+")
+    if not (out / "result.json").is_file():
+        qcfg = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=0,
+                         holdout=TRAIN_TOTAL - args.train_images, **changes)
+        settings = RunSettings(bits=args.bits, eval_size=None, record_images=True, val_eval_size=1000,
+                               progress=not args.quiet).validate()
+        qat_job(args.assignment, settings, qcfg, out=str(out), bits_given=True)
+    rec = json.loads((out / "result.json").read_text())
+    data = np.load(out / "correct.npz")
+    rec["correct"] = unpack(data["test"], int(data["n"]))
+    rec["name"], rec["folder"] = name, out
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assignment", required=True, help="the assignment file to train (e.g. the best uniform one)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-images", type=int, default=6400)
+    ap.add_argument("--crops", type=int, default=4)
+    ap.add_argument("--strength", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "vvtq_qat"))
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    if not Path(args.assignment).is_file():
+        ap.error(f"--assignment {args.assignment}: not found")
+    if not 0 < args.train_images <= TRAIN_TOTAL - 5000:
+        ap.error(f"--train-images must be in 1..{TRAIN_TOTAL - 5000} (the validation split stays out)")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    rows = [run_cell(n, c, args) for n, c in cells(args).items()]
+    base = rows[0]
+    for r in rows[1:]:
+        r["cmp"] = paired_comparison(r["correct"], base["correct"])
+    for r, p in zip(rows[1:], holm([r["cmp"]["p"] for r in rows[1:]])):
+        r["cmp"]["p_holm"] = p
+    _write(rows, args)
+    _plot(rows)
+
+
+def _osc(rec: dict) -> list[tuple[int, float]]:
+    return [(int(h["epoch"]), float(h["osc_rate"])) for h in rec["history"] if h.get("osc_rate") is not None]
+
+
+def _write(rows, args) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["cell", "bits", "epochs", "train_images", "top1_ptq", "top1_qat", "top1_val",
+                                        "osc_rate_last", "diff_vs_plain", "lo", "hi", "p_mcnemar", "p_holm",
+                                        "qat_seconds"])
+    w.writeheader()
+    lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
+             f"python benchmarks/vvtq_qat.py --assignment {args.assignment} --bits {args.bits} --epochs {args.epochs} "
+             f"--train-images {args.train_images} --crops {args.crops} --strength {args.strength} -->", "",
+             f"Default model, W{args.bits}A{args.bits} (non-linear slots at {args.bits} bits), QAT for {args.epochs} "
+             f"epochs on {args.train_images} training images (lr {args.lr}, batch {args.batch_size}, seed 0), top-1 "
+             "on all 10,000 test images; Δ against `plain` (95 % paired bootstrap, exact McNemar, Holm).", "",
+             "| cell | PTQ top-1 % | QAT top-1 % | oscillation rate, last epoch | Δ vs plain [95 % CI] | p (Holm) | QAT s |",
+             "|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        c = r.get("cmp")
+        osc = _osc(r)
+        last = osc[-1][1] if osc else None
+        w.writerow({"cell": r["name"], "bits": args.bits, "epochs": args.epochs, "train_images": args.train_images,
+                    "top1_ptq": r["top1_ptq"], "top1_qat": r["top1_qat"], "top1_val": r.get("top1_val", ""),
+                    "osc_rate_last": "" if last is None else f"{last:.5f}",
+                    "diff_vs_plain": f"{c['diff']:.2f}" if c else "", "lo": f"{c['lo']:.2f}" if c else "",
+                    "hi": f"{c['hi']:.2f}" if c else "", "p_mcnemar": f"{c['p']:.3g}" if c else "",
+                    "p_holm": f"{c['p_holm']:.3g}" if c else "", "qat_seconds": r["qat_seconds"]})
+        d = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c else "(reference)"
+        p = f"{c['p_holm']:.2g}" if c else ""
+        osc_text = "" if last is None else f"{last:.4f}"
+        lines.append(f"| {r['name']} | {r['top1_ptq']:.2f} | {r['top1_qat']:.2f} | {osc_text} | {d} | {p} | "
+                     f"{r['qat_seconds']:.0f} |")
+    atomic_write_text(ROOT / "studies" / "results" / "vvtq_qat.csv", buf.getvalue())
+    text = "\n".join(lines) + "\n"
+    print(text)
+    atomic_write_text(ROOT / "benchmarks" / "results" / "vvtq_qat.md", text)
+
+
+def _plot(rows) -> None:
+    from mnq_search.report._style import new_figure, save_png
+
+    fig = new_figure(6.0, 3.4)
+    ax = fig.add_subplot()
+    for r in rows:
+        osc = _osc(r)
+        if osc:
+            ax.plot([e for e, _ in osc], [v for _, v in osc], marker="o", label=r["name"])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("oscillation rate (weights that flipped)")
+    ax.set_title("VVTQ ablation: weight oscillation per epoch", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    save_png(fig, ROOT / "docs" / "report-default" / "vvtq_oscillation.png")
+
+
+if __name__ == "__main__":
+    main()
