@@ -289,7 +289,7 @@ def _soft_labels(data: DataSource, holdout: int, cfg: QATConfig, teacher, device
 
     key = (id(data), id(teacher), holdout, cfg.multicrop, cfg.multicrop_top_k, cfg.seed, str(device))
     if key in _SOFT_LABELS:  # the short QAT rounds of a search share one cache
-        return _SOFT_LABELS[key]
+        return _SOFT_LABELS[key][2:]
     images, transform = data.train_images_u8(holdout)
     images = images.to(device)
     path = Path(cfg.multicrop_cache) if cfg.multicrop_cache else (Path(out) / "soft_labels.pt" if out else None)
@@ -297,18 +297,20 @@ def _soft_labels(data: DataSource, holdout: int, cfg: QATConfig, teacher, device
         cache = SoftLabelCache.load(path)
         cache.check_images(images)
         if (cache.num_crops != cfg.multicrop or cache.top_k != cfg.multicrop_top_k
-                or cache.meta.get("seed") != cfg.seed):
+                or cache.meta.get("seed") != cfg.seed or cache.meta.get("holdout") != holdout):
             raise UsageError(f"{path} holds {cache.num_crops} crops x top-{cache.top_k} (seed "
-                             f"{cache.meta.get('seed')}); this run asks {cfg.multicrop} x top-{cfg.multicrop_top_k} "
-                             f"(seed {cfg.seed}): remove it or name another --multicrop-cache")
-        _SOFT_LABELS[key] = images, transform, cache
-        return _SOFT_LABELS[key]
-    cache = build_soft_label_cache(teacher, images.to(device), cfg.multicrop, cfg.multicrop_top_k, seed=cfg.seed,
+                             f"{cache.meta.get('seed')}, holdout {cache.meta.get('holdout')}); this run asks "
+                             f"{cfg.multicrop} x top-{cfg.multicrop_top_k} (seed {cfg.seed}, holdout {holdout}): "
+                             "remove it or name another --multicrop-cache")
+        _SOFT_LABELS[key] = teacher, data, images, transform, cache  # the references keep the ids unique
+        return images, transform, cache
+    cache = build_soft_label_cache(teacher, images, cfg.multicrop, cfg.multicrop_top_k, seed=cfg.seed,
                                    transform=transform, progress=progress and dist.is_main())
+    cache.meta["holdout"] = holdout  # which training images: the kept part of the train split
     if path is not None and dist.is_main():
         cache.save(path)
-    _SOFT_LABELS[key] = images, transform, cache
-    return _SOFT_LABELS[key]
+    _SOFT_LABELS[key] = teacher, data, images, transform, cache  # the references keep the ids unique
+    return images, transform, cache
 
 
 _SOFT_LABELS: dict = {}  # soft-label caches built or loaded in this process
