@@ -143,6 +143,8 @@ class RunSettings:
         pairs = tuple(tuple(p) for p in self.search_bits)
         if not pairs or any(len(p) != 2 or not all(valid_layer_bits(b) for b in p) for p in pairs):
             raise UsageError(f"--search-bits: bit-widths must be in {LAYER_BITS[0]}..{LAYER_BITS[1]}, got {self.search_bits!r}")
+        if any(w != a for w, a in pairs):
+            raise UsageError(f"--search-bits: weights and inputs share one bit-width per layer, got {pairs!r}")
         self.search_bits = pairs
 
     def replace(self, **changes: Any) -> "RunSettings":

@@ -44,6 +44,8 @@ class MixQViTStrategy(_ValidationStrategy):
         from mnq_search.mixprec import (allocate, bit_sensitivity, bits_summary, hessian_importance, layer_relevance,
                                         set_layer_bits)
 
+        from mnq_search.slot import bits_key
+
         st = ctx.settings
         if not st.budget:
             raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
@@ -76,4 +78,6 @@ class MixQViTStrategy(_ValidationStrategy):
                      "methods": methods, "bits": bits_summary(ctx.qmodel),
                      "sensitivity": {n: {f"w{w}a{a}": v for (w, a), v in row.items()} for n, row in sens.items()},
                      "seconds": round(time.perf_counter() - t, 1)}
-        return assignment
+        # the allocation goes into the assignment (``<layer>@bits``), so that the assignment file holds
+        # it and ``eval`` reproduces the run; weights and inputs share one bit-width per layer here
+        return {**assignment, **{bits_key(n): int(w) for n, (w, _) in alloc.choice.items()}}

@@ -85,9 +85,15 @@ def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys, import
     assert s["bits"]["bops_per_image"] <= s["budget_bops"]
     assert all(row["w8a8"] == 0.0 for row in s["sensitivity"].values())
     assert s["methods"]["strategy"].startswith("uniform:")
+    saved = json.loads((out / "assignment.json").read_text())["layer_bits"]  # the allocation, for eval
+    assert saved == {n: v[0] for n, v in layers.items()}
     weights = s["layer_importance"]
     if importance == "none":
         assert weights is None
+        code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+        assert code == 0, err
+        top1 = json.loads((out / "result.json").read_text())["top1_quant"]
+        assert f"top-1 {top1:.2f} %" in stdout  # eval applied the allocated bits
     else:  # Hutchinson traces per weight, one per weight layer, clipped at 0 and not all 0
         assert set(weights) == set(layers) and min(weights.values()) >= 0 and max(weights.values()) > 0
 

@@ -17,6 +17,7 @@ import torch
 from ..calibrate import calibrate, evaluate
 from ..context import RunContext, RunSettings
 from ..plan import counts
+from ..slot import BITS_SUFFIX
 from ._build import open_run
 from ._device import device_name
 from ._outputs import read_sensitivity_csv, sensitivity_csv, write_run_outputs
@@ -101,7 +102,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     result.update(extra)
     if group_record is not None:
         result["groups"] = group_record
-    if settings.joint_bits:
+    if settings.joint_bits or any(k.endswith(BITS_SUFFIX) for k in assignment):
         from ..mixprec import bits_summary
 
         result["layer_bits"] = bits_summary(qmodel)
