@@ -104,7 +104,7 @@ def test_bit_widths_as_assignment_keys_and_search_variables(tmp_path):
     q.set_assignment(a)
     assert layer_bits(q)["blocks.0.mlp.fc1"] == (4, 4) and layer_bits(q)["head"] == (6, 6)
     before = layer_bits(q)
-    for bad in ({"blocks.0.mlp.fc1@bits": 3}, {"blocks.0.mlp.fc7@bits": 4}, {"blocks.0.nrm1": "ibert", "head@bits": 4}):
+    for bad in ({"blocks.0.mlp.fc1@bits": 1}, {"blocks.0.mlp.fc7@bits": 4}, {"blocks.0.nrm1": "ibert", "head@bits": 4}):
         with pytest.raises(UsageError):
             q.set_assignment(bad)
         assert layer_bits(q) == before  # checked before anything changes
