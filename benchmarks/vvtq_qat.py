@@ -137,6 +137,8 @@ def _write(rows, args) -> None:
 
 
 def _plot(rows) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     from mnq_search.report._style import new_figure, save_png
 
     fig = new_figure(6.0, 3.4)
@@ -146,6 +148,7 @@ def _plot(rows) -> None:
         if osc:
             ax.plot([e for e, _ in osc], [v for _, v in osc], marker="o", label=r["name"])
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("oscillation rate (weights that flipped)")
     ax.set_title("VVTQ ablation: weight oscillation per epoch", fontsize=9)
     ax.legend(fontsize=8)
