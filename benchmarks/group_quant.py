@@ -45,7 +45,7 @@ from mnq_search.io import atomic_write_text  # noqa: E402
 from mnq_search.methods import list_families  # noqa: E402
 from mnq_search.pipeline._build import open_run  # noqa: E402
 from mnq_search.plan import counts  # noqa: E402
-from mnq_search.stats import holm, paired_comparison  # noqa: E402
+from mnq_search.stats import comparison_cells, comparison_columns, holm_adjust, paired_comparison  # noqa: E402
 from strategies import get_strategy  # noqa: E402
 
 SETTINGS = ("1", "channel", "8", "alloc:8")
@@ -180,9 +180,7 @@ def main() -> None:
                                                    and c["groups"] != "1"])
         rows += cells
         print(f"W{b}A{b}: " + ", ".join(f"{c['which']} {c['groups']} {c['top1']:.2f}" for c in cells + sweep), flush=True)
-    compared = [r for r in rows if "cmp" in r]
-    for r, p in zip(compared, holm([r["cmp"]["p"] for r in compared])):
-        r["cmp"]["p_holm"] = p
+    holm_adjust([r["cmp"] for r in rows if "cmp" in r])
     _write(rows, curves, fps, args)
 
 
@@ -200,9 +198,7 @@ def _write(rows, curves, fps, args) -> None:
         w.writerow({"bits": r["bits"], "assignment": r["assignment"], "groups": r["groups"], "label": r["label"],
                     "top1": f"{r['top1']:.2f}", "images": r["images"], "bops_per_image": r["bops_per_image"],
                     "bops_vs_per_tensor": f"{r['bops_per_image'] / r['per_tensor_bops_per_image']:.3f}",
-                    "diff_vs_per_tensor_uniform": f"{c['diff']:.2f}" if c else "",
-                    "lo": f"{c['lo']:.2f}" if c else "", "hi": f"{c['hi']:.2f}" if c else "",
-                    "p_mcnemar": f"{c['p']:.3g}" if c else "", "p_holm": f"{c['p_holm']:.3g}" if c else "",
+                    **comparison_columns(c, "diff_vs_per_tensor_uniform"),
                     "group_counts": json.dumps(r["group_counts"]), "counts": json.dumps(r["counts"])})
     atomic_write_text(ROOT / "studies" / "results" / "group_quant.csv", buf.getvalue())
     lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
@@ -215,9 +211,7 @@ def _write(rows, curves, fps, args) -> None:
              "| bits | assignment | input quantizers | top-1 % | BOPs × | Δ vs per-tensor uniform [95 % CI] | p (Holm) |",
              "|---|---|---|---:|---:|---|---:|"]
     for r in rows:
-        c = r.get("cmp")
-        d = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c else "(reference)"
-        p = f"{c['p_holm']:.2g}" if c else ""
+        d, p = comparison_cells(r.get("cmp"))
         lines.append(f"| W{r['bits']}A{r['bits']} | {r['assignment']} | {r['label']} | {r['top1']:.2f} | "
                      f"{r['bops_per_image'] / r['per_tensor_bops_per_image']:.2f} | {d} | {p} |")
     lines += ["", "Top-1 of the best uniform method against uniform group counts: " + "; ".join(

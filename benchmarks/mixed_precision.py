@@ -47,7 +47,7 @@ from mnq_search.io import atomic_write_text  # noqa: E402
 from mnq_search.methods import uniform_assignment  # noqa: E402
 from mnq_search.pipeline import run  # noqa: E402
 from mnq_search.pipeline._build import open_run  # noqa: E402
-from mnq_search.stats import holm, paired_comparison, unpack  # noqa: E402
+from mnq_search.stats import comparison_cells, comparison_columns, holm_adjust, paired_comparison, unpack  # noqa: E402
 
 
 def best_uniform_family(bits: int, val_size: int, work: Path) -> str:
@@ -126,9 +126,7 @@ def main() -> None:
             c["cmp"] = paired_comparison(c["correct"], base["correct"])
             rows.append(c)
         print(", ".join(f"{r['label']} {r['top1_quant']:.2f}" for r in rows if r["budget"] == f"w{b}a{b}"), flush=True)
-    compared = [r for r in rows if "cmp" in r]
-    for r, p in zip(compared, holm([r["cmp"]["p"] for r in compared])):
-        r["cmp"]["p_holm"] = p
+    holm_adjust([r["cmp"] for r in rows if "cmp" in r])
     _write(rows, args)
 
 
@@ -165,11 +163,8 @@ def _write(rows, args) -> None:
                     "methods": methods, "top1": f"{r['top1_quant']:.2f}",
                     "top1_val": r.get("top1_val", ""), "images": r["eval_images"], "budget_bops": budget,
                     "bops_per_image": bops, "bits_histogram": json.dumps(hist),
-                    "diff_vs_uniform": f"{c['diff']:.2f}" if c else "", "lo": f"{c['lo']:.2f}" if c else "",
-                    "hi": f"{c['hi']:.2f}" if c else "", "p_mcnemar": f"{c['p']:.3g}" if c else "",
-                    "p_holm": f"{c['p_holm']:.3g}" if c else ""})
-        d = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c else "(reference)"
-        p = f"{c['p_holm']:.2g}" if c else ""
+                    **comparison_columns(c, "diff_vs_uniform")})
+        d, p = comparison_cells(c)
         bits_text = ", ".join(f"{k}: {v}" for k, v in sorted(hist.items()))
         lines.append(f"| {r['budget']} | {r['label']} | {r.get('candidates', '')} | {methods} | {r['top1_quant']:.2f} | {bits_text} | {ratio} | "
                      f"{d} | {p} |")

@@ -39,7 +39,7 @@ from mnq_search.context import RunSettings  # noqa: E402
 from mnq_search.io import atomic_write_text  # noqa: E402
 from mnq_search.pipeline._qat import qat_job  # noqa: E402
 from mnq_search.qat import QATConfig  # noqa: E402
-from mnq_search.stats import holm, paired_comparison, unpack  # noqa: E402
+from mnq_search.stats import comparison_cells, comparison_columns, holm_adjust, paired_comparison, unpack  # noqa: E402
 
 TRAIN_TOTAL = 60_000
 
@@ -91,8 +91,7 @@ def main() -> None:
     base = rows[0]
     for r in rows[1:]:
         r["cmp"] = paired_comparison(r["correct"], base["correct"])
-    for r, p in zip(rows[1:], holm([r["cmp"]["p"] for r in rows[1:]])):
-        r["cmp"]["p_holm"] = p
+    holm_adjust([r["cmp"] for r in rows[1:]])
     _write(rows, args)
     _plot(rows)
 
@@ -122,11 +121,8 @@ def _write(rows, args) -> None:
         w.writerow({"cell": r["name"], "bits": args.bits, "epochs": args.epochs, "train_images": args.train_images,
                     "top1_ptq": r["top1_ptq"], "top1_qat": r["top1_qat"], "top1_val": r.get("top1_val", ""),
                     "osc_rate_last": "" if last is None else f"{last:.5f}",
-                    "diff_vs_plain": f"{c['diff']:.2f}" if c else "", "lo": f"{c['lo']:.2f}" if c else "",
-                    "hi": f"{c['hi']:.2f}" if c else "", "p_mcnemar": f"{c['p']:.3g}" if c else "",
-                    "p_holm": f"{c['p_holm']:.3g}" if c else "", "qat_seconds": r["qat_seconds"]})
-        d = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]" if c else "(reference)"
-        p = f"{c['p_holm']:.2g}" if c else ""
+                    **comparison_columns(c, "diff_vs_plain"), "qat_seconds": r["qat_seconds"]})
+        d, p = comparison_cells(c)
         osc_text = "" if last is None else f"{last:.4f}"
         lines.append(f"| {r['name']} | {r['top1_ptq']:.2f} | {r['top1_qat']:.2f} | {osc_text} | {d} | {p} | "
                      f"{r['qat_seconds']:.0f} |")

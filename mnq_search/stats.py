@@ -54,6 +54,27 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return out
 
 
+def holm_adjust(comparisons: Sequence[dict]) -> None:
+    """Add ``p_holm`` to each :func:`paired_comparison` result, Holm-adjusted across all of them."""
+    for c, p in zip(comparisons, holm([c["p"] for c in comparisons])):
+        c["p_holm"] = p
+
+
+def comparison_columns(c: dict | None, diff_key: str = "diff") -> dict[str, str]:
+    """A comparison (with ``p_holm``) as CSV columns; empty strings for the reference row (None)."""
+    if not c:
+        return {diff_key: "", "lo": "", "hi": "", "p_mcnemar": "", "p_holm": ""}
+    return {diff_key: f"{c['diff']:.2f}", "lo": f"{c['lo']:.2f}", "hi": f"{c['hi']:.2f}",
+            "p_mcnemar": f"{c['p']:.3g}", "p_holm": f"{c['p_holm']:.3g}"}
+
+
+def comparison_cells(c: dict | None) -> tuple[str, str]:
+    """A comparison as Markdown cells: ``+d [lo, hi]`` (``(reference)`` for None) and the Holm p."""
+    if not c:
+        return "(reference)", ""
+    return f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]", f"{c['p_holm']:.2g}"
+
+
 def pack(correct: np.ndarray) -> np.ndarray:
     """Per-image correctness as bits (what a study stores per cell)."""
     return np.packbits(np.asarray(correct, dtype=bool))
