@@ -279,7 +279,7 @@ def _settings(args, **extra) -> "RunSettings":
                        download=args.download, bits=args.bits if args.bits is not None else 8, nl_bits=args.nl_bits,
                        val_size=args.val_size,
                        families=tuple(f.strip() for f in args.families.split(",") if f.strip()) if args.families else None,
-                       fine_grid=bool(args.fine_grid), post_ln=getattr(args, "post_ln", None) or "tensor",
+                       fine_grid=bool(args.fine_grid), post_ln=args.post_ln or "tensor",
                        calib_size=args.calib_size, eval_size=args.eval_size,
                        batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet,
                        **extra)

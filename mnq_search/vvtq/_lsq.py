@@ -238,13 +238,7 @@ class LsqQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fake-quantized tensor ``q * s`` with LSQ's gradients for ``x`` and the step."""
-        self._check(x)
-        if not self._initialized:
-            self.initialize(x)
-        s = torch.clamp(self.step, min=STEP_EPS)
-        if torch.is_grad_enabled() and s.requires_grad:
-            s = _GradScale.apply(s, self.grad_scale_factor(x))
-        return _LsqFn.apply(x, self.expand_step(s, x).to(x.dtype), self.qmin, self.qmax)
+        return self.fake_quant_parts(x)[0]
 
     def fake_quant_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(:meth:`forward`'s ``q * s``, the step broadcast to ``x`` with the gradient scale on it)."""
@@ -260,8 +254,7 @@ class LsqQuantizer(nn.Module):
     def row_steps(self, x: torch.Tensor) -> torch.Tensor:
         """The step of every row of ``x`` (dim 0), shape ``(rows,)``."""
         self._check(x)
-        return self.expand_step(torch.clamp(self.step, min=STEP_EPS), x).expand(x.shape[0], *x.shape[1:]).reshape(
-            x.shape[0], -1)[:, 0]
+        return self.expand_step(torch.clamp(self.step, min=STEP_EPS), x).reshape(-1).expand(x.shape[0])
 
     @torch.no_grad()
     def integers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

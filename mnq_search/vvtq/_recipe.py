@@ -15,7 +15,7 @@ Each epoch's oscillation rate per layer (the fraction of its weights that flippe
 goes to ``oscillation.csv`` and its weight-weighted mean to the history's ``osc_rate``.
 
 Multi-crop distillation from cached soft labels is a QAT option of its own (``--multicrop K``,
-:func:`mnq_search.qat.train_qat`), combined with this recipe for the full VVTQ set-up. Not in the
+:func:`mnq_search.qat.train_qat`), combined with this recipe for the full VVTQ set-up. In the
 recipe, with ``lsq``: every weight layer learns its steps (LSQ with its gradient scale,
 :mod:`._lsq`) at the module-dependent granularity (per head for fused qkv weights, per output channel
 elsewhere), starting from the absmax scales; the learned steps stay in the model and are the integer
@@ -62,7 +62,6 @@ class VvtqRecipe:
         options.validate()
         self.options = options
         self.layers = _weight_cores(qmodel)
-        self.granularity: dict[str, str] = {}
         if options.lsq:
             self._enable_lsq(qmodel)
         self.tracker = OscillationTracker(options.momentum, options.freeze_threshold)
@@ -77,14 +76,11 @@ class VvtqRecipe:
         for name, core in self.layers.items():
             g = module_granularity(name + ".weight")
             heads = None
-            if g == "head":
-                parent = name.rsplit(".", 1)[0]
-                heads = getattr(root.get_submodule(parent), "num_heads", None) if "." in name else None
-                rows = core.weight.shape[0]
-                if not isinstance(heads, int) or rows % (3 * heads):
+            if g == "head":  # the attention module that holds qkv says how many heads
+                heads = getattr(root.get_submodule(name.rpartition(".")[0]), "num_heads", None)
+                if not isinstance(heads, int) or core.weight.shape[0] % (3 * heads):
                     g, heads = "channel", None
             core.enable_lsq(g, heads)
-            self.granularity[name] = g
 
     def _steps(self, core) -> torch.Tensor:
         s = core.weight_scale().detach()
