@@ -2,7 +2,9 @@
 
 A budget is either a uniform setting (``"w6a6"``: the BOPs of every weight layer at 6-bit weights and
 6-bit activations, resolved against a model's MACs by :func:`mnq_search.mixprec.parse_budget`) or an
-absolute count (``"2.5e9"``, ``"1.2G"``, ``"800M"``, an optional ``"BOPs"`` suffix).
+absolute count (``"2.5e9"``, ``"1.2G"``, ``"800M"``, an optional ``"BOPs"`` suffix). A uniform setting
+may add a group count (``"w4a4g8"``: plus the overhead of 8 instance-aware groups at every group
+layer, IGQ-ViT's budget; for a search over group counts, ``--joint-groups``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import NamedTuple
 from mnq_search.errors import UsageError
 
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-_UNIFORM = re.compile(r"w(\d+)a(\d+)", re.IGNORECASE)
+_UNIFORM = re.compile(r"w(\d+)a(\d+)(?:g(\d+))?", re.IGNORECASE)
 _ABSOLUTE = re.compile(r"([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmgt]?)\s*(?:bops)?", re.IGNORECASE)
 MAX_BITS = 32
 # Bit-widths one weight layer may take (--search-bits, layer_bits in assignment files); the model-wide
@@ -28,10 +30,12 @@ def valid_layer_bits(b: object) -> bool:
 
 
 class BudgetSpec(NamedTuple):
-    """A parsed budget: ``bits`` (w, a) for a uniform setting, else ``bops`` per image."""
+    """A parsed budget: ``bits`` (w, a) for a uniform setting (and ``groups``, its group count, or
+    None), else ``bops`` per image."""
 
     bits: tuple[int, int] | None
     bops: float | None
+    groups: int | None = None
 
 
 def parse_budget_spec(text: object) -> BudgetSpec:
@@ -42,11 +46,14 @@ def parse_budget_spec(text: object) -> BudgetSpec:
         w, a = int(uniform.group(1)), int(uniform.group(2))
         if not (1 <= w <= MAX_BITS and 1 <= a <= MAX_BITS):
             raise UsageError(f"budget {text!r}: bits must be in 1..{MAX_BITS}")
-        return BudgetSpec((w, a), None)
+        groups = None if uniform.group(3) is None else int(uniform.group(3))
+        if groups is not None and groups < 1:
+            raise UsageError(f"budget {text!r}: the group count must be >= 1")
+        return BudgetSpec((w, a), None, groups)
     absolute = _ABSOLUTE.fullmatch(s)
     if absolute:
         value = float(absolute.group(1)) * _UNITS[absolute.group(2).lower()]
         if value > 0 and math.isfinite(value):
             return BudgetSpec(None, value)
-    raise UsageError(f"bad budget {text!r}: use a uniform setting like 'w6a6' or a positive BOPs count "
-                     "like '2.5e9' or '1.2G'")
+    raise UsageError(f"bad budget {text!r}: use a uniform setting like 'w6a6' (or 'w4a4g8' with groups) or a "
+                     "positive BOPs count like '2.5e9' or '1.2G'")

@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--joint-bits", action="store_true",
                    help="optuna/random: search a bit-width per weight layer (from --search-bits) with the methods; "
                         "with --objective proxy,bops --sampler nsga2, an accuracy x BOPs Pareto front")
+    g.add_argument("--joint-groups", action="store_true",
+                   help="optuna/random: search an instance-aware group count per group layer (from --search-groups) "
+                        "with the methods; the bops objective counts the groups' overhead, --budget w4a4g8 is the "
+                        "BOPs of 8 groups everywhere")
+    g.add_argument("--search-groups", default="1,2,4,8,16", metavar="COUNTS",
+                   help="candidate group counts per group layer with --joint-groups (default: 1,2,4,8,16)")
     _add_model_args(p)
     _add_quant_args(p)
     _add_search_args(p)
@@ -304,6 +310,14 @@ def _search_bits(text: str) -> tuple:
     return tuple((v, v) for v in values)
 
 
+def _search_groups(text: str) -> tuple:
+    """``--search-groups`` as sorted counts, parsed without torch."""
+    try:
+        return tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        raise UsageError(f"--search-groups: expected comma-separated group counts like 1,2,4,8, got {text!r}") from None
+
+
 def _search_options(args):
     """The search group's flags as typed options (None when none is given and the strategy is not
     optuna)."""
@@ -342,7 +356,8 @@ def _cmd_run(args) -> int:
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
                          sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups,
                          budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance,
-                         joint_bits=args.joint_bits, qat=_run_qat_config(args))
+                         joint_bits=args.joint_bits, joint_groups=args.joint_groups,
+                         search_groups=_search_groups(args.search_groups), qat=_run_qat_config(args))
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)

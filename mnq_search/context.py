@@ -73,6 +73,8 @@ class RunSettings:
     search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit: candidate (weight, activation) bits
     importance: str = "none"  # mixqvit: layer importance, one of IMPORTANCES
     joint_bits: bool = False  # a bit-width per weight layer in the search space (optuna, random)
+    joint_groups: bool = False  # a group count per group layer in the search space (optuna, random)
+    search_groups: tuple = (1, 2, 4, 8, 16)  # --joint-groups: candidate group counts (mnq_search.groups.CANDIDATES)
 
     def validate(self) -> "RunSettings":
         """Raise a one-line UsageError for the first bad value; returns self."""
@@ -130,16 +132,26 @@ class RunSettings:
             except UsageError as e:
                 raise UsageError(f"--budget: {e}") from None
         is_mixqvit = self.strategy.partition(":")[0] == "mixqvit"
-        bops_search = (self.strategy.partition(":")[0] == "optuna" and self.joint_bits and self.search is not None
-                       and "bops" in self.search.objectives)
+        bops_search = (self.strategy.partition(":")[0] == "optuna" and (self.joint_bits or self.joint_groups)
+                       and self.search is not None and "bops" in self.search.objectives)
         if self.budget is not None and not (is_mixqvit or bops_search):
-            raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits and the bops objective")
+            raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits or --joint-groups "
+                             "and the bops objective")
+        if self.budget is not None and parse_budget_spec(self.budget).groups and not self.joint_groups:
+            raise UsageError(f"--budget {self.budget}: a group budget (gG) needs --joint-groups")
         if is_mixqvit and self.budget is None:
             raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
         if self.importance not in IMPORTANCES:
             raise UsageError(f"--importance: choose from {', '.join(IMPORTANCES)} (got {self.importance!r})")
-        if self.joint_bits and self.strategy.partition(":")[0] not in ("optuna", "random"):
-            raise UsageError("--joint-bits applies to --strategy optuna or random (mixqvit allocates bits itself)")
+        for flag, on in (("--joint-bits", self.joint_bits), ("--joint-groups", self.joint_groups)):
+            if on and self.strategy.partition(":")[0] not in ("optuna", "random"):
+                raise UsageError(f"{flag} applies to --strategy optuna or random (mixqvit allocates bits itself)")
+        if self.joint_groups and self.groups != "1":
+            raise UsageError(f"--joint-groups searches the group counts: leave --groups at 1 (got {self.groups})")
+        counts = tuple(self.search_groups)
+        if not counts or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in counts):
+            raise UsageError(f"--search-groups: group counts must be integers >= 1, got {self.search_groups!r}")
+        self.search_groups = tuple(sorted(set(counts)))
         pairs = tuple(tuple(p) for p in self.search_bits)
         if not pairs or any(len(p) != 2 or not all(valid_layer_bits(b) for b in p) for p in pairs):
             raise UsageError(f"--search-bits: bit-widths must be in {LAYER_BITS[0]}..{LAYER_BITS[1]}, got {self.search_bits!r}")

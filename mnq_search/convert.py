@@ -90,17 +90,26 @@ class QuantModel(nn.Module):
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
         """Set the method of every slot named in ``assignment``, every method parameter named
-        as ``<slot>#<method>.<param>`` and every weight layer's bit-width named ``<layer>@bits``
-        (validated first: nothing changes when a name, a method or a value is wrong)."""
+        as ``<slot>#<method>.<param>``, every weight layer's bit-width named ``<layer>@bits`` and every
+        group layer's setting named ``<layer>@groups`` (validated first: nothing changes when a
+        name, a method or a value is wrong). Changed bits or groups need a new calibration."""
         from .plan import validate_assignment
-        from .slot import split_bits, split_param_key
+        from .slot import split_layer_keys, split_param_key
 
-        assignment, bits = split_bits(assignment)
+        assignment, bits, groups = split_layer_keys(assignment)
         validate_assignment(assignment, self.slot_ops())
+        if groups:
+            from .groups import check_group_spec
+
+            check_group_spec(self, groups)
         if bits:  # "<layer>@bits": a weight layer's bit-width (weights and inputs), set_layer_bits checks all first
             from .mixprec import set_layer_bits
 
             set_layer_bits(self, {layer: (b, b) for layer, b in bits.items()})
+        if groups:  # "<layer>@groups": instance-aware groups of a block linear's input or of the probabilities
+            from .groups import set_groups
+
+            set_groups(self, groups)
         slots = self.slots
         for name, value in assignment.items():
             key = split_param_key(name)

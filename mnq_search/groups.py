@@ -16,7 +16,11 @@ every other layer per tensor (:func:`group_sensitivity`, one layer at a time, re
 layer's block on cached activations), summed over layers as a separable estimate, and the
 allocation is the integer linear program of :func:`mnq_search.mixprec.allocate_bits` (exact, HiGHS).
 
-Cost per image (:func:`layer_costs`): the layer's GEMM BOPs at its bit-widths plus the overhead of
+In a search (``--joint-groups``) each group layer's setting is a variable ``<layer>@groups`` of the
+search space (:mod:`mnq_search.space`), set through ``QuantModel.set_assignment`` and costed by the
+``bops`` objective with :func:`group_overhead`.
+
+Cost per image (:func:`layer_cost`): the layer's GEMM BOPs at its bit-widths plus the overhead of
 its groups from :func:`~mnq_search.quant._group.group_cost` (statistics, assignment, per-group
 partial-sum rescales); ``channel`` is counted as folded into the weights (no overhead).
 
@@ -107,9 +111,9 @@ def get_groups(qmodel: QuantModel) -> dict[str, int | str]:
             for name, (kind, mod) in group_layers(qmodel).items()}
 
 
-def set_groups(qmodel: QuantModel, spec: Mapping[str, int | str]) -> None:
-    """Set the group setting of the layers named in ``spec`` (checked first: nothing changes when a
-    name or a value is wrong). Changed layers need a new calibration."""
+def check_group_spec(qmodel: QuantModel, spec: Mapping[str, int | str]) -> dict[str, tuple[str, object]]:
+    """One-line UsageError for a name in ``spec`` that is not a group layer or a setting the layer cannot
+    take; returns :func:`group_layers`."""
     from .quant._wrappers import check_groups
 
     layers = group_layers(qmodel)
@@ -120,6 +124,13 @@ def set_groups(qmodel: QuantModel, spec: Mapping[str, int | str]) -> None:
         if kind == "softmax" and value == CHANNEL:
             raise UsageError(f"groups: {name}: the attention probabilities take a group count, not 'channel'")
         check_groups(value, mod.linear.in_features if kind == "linear" else 2**31, f"groups of {name}")
+    return layers
+
+
+def set_groups(qmodel: QuantModel, spec: Mapping[str, int | str]) -> None:
+    """Set the group setting of the layers named in ``spec`` (checked first: nothing changes when a
+    name or a value is wrong). Changed layers need a new calibration."""
+    layers = check_group_spec(qmodel, spec)
     for name, value in spec.items():
         kind, mod = layers[name]
         if kind == "linear":
@@ -197,19 +208,28 @@ def layer_shapes(qmodel: QuantModel, x: torch.Tensor) -> dict[str, LayerShape]:
     return shapes
 
 
-def layer_cost(shape: LayerShape, groups: int | str) -> int:
-    """BOPs per image of one group layer at ``groups``: its product plus the groups' overhead."""
+def _group_cost(shape: LayerShape, groups: int | str):
     from .quant._group import attention_group_cost, group_cost
 
     g = 1 if groups == CHANNEL else int(groups)
     if shape.kind == "linear":
-        c = group_cost(g, shape.channels, shape.out_features, tokens=shape.tokens, act_bits=shape.act_bits,
-                       weight_bits=shape.weight_bits)
-    else:
-        # the rows of every window of the image are the instances; keys are the channels
-        c = attention_group_cost(g, shape.heads, shape.tokens, shape.channels, shape.out_features,
-                                 act_bits=shape.act_bits, weight_bits=shape.weight_bits)
+        return group_cost(g, shape.channels, shape.out_features, tokens=shape.tokens, act_bits=shape.act_bits,
+                          weight_bits=shape.weight_bits)
+    # the rows of every window of the image are the instances; keys are the channels
+    return attention_group_cost(g, shape.heads, shape.tokens, shape.channels, shape.out_features,
+                                act_bits=shape.act_bits, weight_bits=shape.weight_bits)
+
+
+def layer_cost(shape: LayerShape, groups: int | str) -> int:
+    """BOPs per image of one group layer at ``groups``: its product plus the groups' overhead."""
+    c = _group_cost(shape, groups)
     return c.gemm_bops + c.bops
+
+
+def group_overhead(shape: LayerShape, groups: int | str) -> int:
+    """BOPs per image of the groups alone (statistics, assignment, per-group rescales; 0 at
+    ``1`` and ``channel``): what a joint search adds to the weight layers' BOPs."""
+    return _group_cost(shape, groups).bops
 
 
 def total_cost(shapes: Mapping[str, LayerShape], spec: Mapping[str, int | str]) -> int:

@@ -111,12 +111,15 @@ class IncrementalEvaluator:
               bits: Mapping[str, tuple[int, int]] | None = None) -> float:
         """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named);
         ``groups``: group settings of group layers (:mod:`mnq_search.groups`), ``bits``: (weight,
-        activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs."""
-        from .slot import split_bits
+        activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs.
+        The assignment's own ``<layer>@bits`` and ``<layer>@groups`` keys count as ``bits`` and ``groups``."""
+        from .slot import split_layer_keys
 
-        assignment, key_bits = split_bits(assignment)
+        assignment, key_bits, key_groups = split_layer_keys(assignment)
         if key_bits:
             bits = {**(bits or {}), **{layer: (b, b) for layer, b in key_bits.items()}}
+        if key_groups:
+            groups = {**(groups or {}), **key_groups}
         changed_bits = [n for n, b in (bits or {}).items() if self.current_bits.get(n) != tuple(b)]
         for n in changed_bits:
             if n not in self.bits_layers:

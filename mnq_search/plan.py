@@ -12,7 +12,9 @@ where ``default`` (optional, per op) fills the slots that ``slots`` does not nam
 settings override per-op ones (the layering of ``torch.ao``'s ``QConfigMapping``). A file that
 holds a bare ``{"slot": "method"}`` mapping is read too. Methods with per-slot parameters (the
 ``index`` softmax's ``K`` and ``T``) add a section ``"params": {"blocks.0.attn.softmax#index.K": 16}``;
-in memory the parameters sit in the same mapping as the methods, under those keys.
+in memory the parameters sit in the same mapping as the methods, under those keys. Per-layer
+bit-widths and group counts go to ``"layer_bits"`` and ``"layer_groups"`` (layer -> value); in memory
+they are ``<layer>@bits`` and ``<layer>@groups`` keys (:func:`mnq_search.slot.split_layer_keys`).
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ from .budget import LAYER_BITS, valid_layer_bits
 from .errors import UsageError
 from .io import atomic_write_json, read_json
 from .methods import OPS
-from .slot import bits_key, method_params, methods_for, split_bits, split_param_key
+from .slot import (
+    bits_key,
+    groups_key,
+    method_params,
+    methods_for,
+    split_layer_keys,
+    split_param_key,
+)
 
 
 def split_assignment(assignment: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-    """(slot -> method, parameter key -> value) of an assignment (bit-width keys left out:
-    :func:`mnq_search.slot.split_bits`)."""
-    rest, _ = split_bits(assignment)
+    """(slot -> method, parameter key -> value) of an assignment (bit-width and group keys left out:
+    :func:`mnq_search.slot.split_layer_keys`)."""
+    rest = split_layer_keys(assignment)[0]
     methods = {k: v for k, v in rest.items() if split_param_key(k) is None}
     return methods, {k: v for k, v in rest.items() if k not in methods}
 
@@ -84,9 +93,9 @@ def counts(assignment: Mapping[str, str], slot_ops: Mapping[str, str]) -> dict[s
 
 def save_assignment(path: str | Path, assignment: Mapping[str, str], **meta: Any) -> None:
     methods, params = split_assignment(assignment)
-    bits = split_bits(assignment)[1]
+    _, bits, groups = split_layer_keys(assignment)
     atomic_write_json(path, {**meta, "slots": methods, **({"params": params} if params else {}),
-                             **({"layer_bits": bits} if bits else {})})
+                             **({"layer_bits": bits} if bits else {}), **({"layer_groups": groups} if groups else {})})
 
 
 def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -121,4 +130,13 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
     if not isinstance(layer_bits, dict) or not all(valid_layer_bits(b) for b in layer_bits.values()):
         raise UsageError(f"assignment file {path}: 'layer_bits' must map weight layers to bit-widths in "
                          f"{LAYER_BITS[0]}..{LAYER_BITS[1]}")
-    return {**{n: resolved[n] for n in slot_ops}, **params, **{bits_key(k): v for k, v in layer_bits.items()}}, meta
+    layer_groups = meta.pop("layer_groups", {})
+    if not isinstance(layer_groups, dict) or not all(_valid_group_setting(g) for g in layer_groups.values()):
+        raise UsageError(f"assignment file {path}: 'layer_groups' must map group layers to a group count >= 1 "
+                         "or 'channel'")
+    return {**{n: resolved[n] for n in slot_ops}, **params, **{bits_key(k): v for k, v in layer_bits.items()},
+            **{groups_key(k): v for k, v in layer_groups.items()}}, meta
+
+
+def _valid_group_setting(g: object) -> bool:
+    return g == "channel" or (isinstance(g, int) and not isinstance(g, bool) and g >= 1)

@@ -50,16 +50,31 @@ def param_key(slot: str, method: str, param: str) -> str:
 
 
 BITS_SUFFIX = "@bits"  # assignment key of a weight layer's bit-width: "<layer>@bits" -> b (weights and inputs)
+GROUPS_SUFFIX = "@groups"  # assignment key of a group layer's setting: "<layer>@groups" -> 1, G or "channel"
 
 
 def bits_key(layer: str) -> str:
     return layer + BITS_SUFFIX
 
 
-def split_bits(assignment) -> tuple[dict, dict[str, int]]:
-    """(the assignment without bit-width keys, layer -> bit-width of its ``<layer>@bits`` keys)."""
-    rest = {k: v for k, v in assignment.items() if not k.endswith(BITS_SUFFIX)}
-    return rest, {k[: -len(BITS_SUFFIX)]: v for k, v in assignment.items() if k.endswith(BITS_SUFFIX)}
+def groups_key(layer: str) -> str:
+    """The assignment key of a group layer's setting (:mod:`mnq_search.groups`): a block linear's
+    path, or an attention's softmax slot for its probabilities, then ``@groups``."""
+    return layer + GROUPS_SUFFIX
+
+
+def split_layer_keys(assignment) -> tuple[dict, dict[str, int], dict[str, int | str]]:
+    """(the assignment without layer keys, layer -> bit-width of its ``<layer>@bits`` keys,
+    layer -> group setting of its ``<layer>@groups`` keys)."""
+    rest, bits, groups = {}, {}, {}
+    for k, v in assignment.items():
+        if k.endswith(BITS_SUFFIX):
+            bits[k[: -len(BITS_SUFFIX)]] = v
+        elif k.endswith(GROUPS_SUFFIX):
+            groups[k[: -len(GROUPS_SUFFIX)]] = v
+        else:
+            rest[k] = v
+    return rest, bits, groups
 
 
 def split_param_key(key: str) -> tuple[str, str, str] | None:

@@ -165,6 +165,36 @@ class _BitsKind(VariableKind):
 register_kind(_BitsKind())
 
 
+class _GroupsKind(VariableKind):
+    """The instance-aware group count of each group layer (IGQ-ViT, :mod:`mnq_search.groups`): a block
+    linear's input (named by the linear) or an attention's probabilities (named by its softmax slot),
+    ``<layer>@groups``; choices: the ``groups`` option (default 1, 2, 4, 8, 16; a linear's only up to its
+    input channels) and the layer's current setting, its default. Only in spaces that ask for it
+    (``--joint-groups``)."""
+
+    name = "groups"
+    file_key = "layer_groups"
+
+    def variables(self, qmodel, families=None, groups=(1, 2, 4, 8, 16), **options):
+        from .groups import get_groups, group_layers
+        from .slot import groups_key
+
+        current = get_groups(qmodel)
+        out = []
+        for layer, (kind, mod) in group_layers(qmodel).items():
+            limit = mod.linear.in_features if kind == "linear" else None
+            counts = {g for g in groups if limit is None or g <= limit} | {current[layer]}
+            choices = tuple(sorted(counts, key=lambda g: (isinstance(g, str), g if isinstance(g, int) else 0)))
+            out.append(Variable(groups_key(layer), "groups", choices, current[layer], "groups"))
+        return out
+
+    def apply(self, qmodel, values):
+        qmodel.set_assignment(dict(values))
+
+
+register_kind(_GroupsKind())
+
+
 class SearchSpace:
     """An ordered collection of variables (see the module docstring)."""
 
@@ -179,7 +209,8 @@ class SearchSpace:
                    families: tuple[str, ...] | None = None, **options) -> "SearchSpace":
         """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot, from
         ``families`` or every registered family, and the per-slot parameters of those methods;
-        ``"bits"`` adds a bit-width per weight layer, choices from the ``bits`` option)."""
+        ``"bits"`` adds a bit-width per weight layer, choices from the ``bits`` option, ``"groups"`` a
+        group count per group layer, choices from the ``groups`` option)."""
         out: list[Variable] = []
         for k in kinds:
             if k not in _KINDS:
@@ -257,7 +288,7 @@ class SearchSpace:
         for var in self:
             if var.kind == "param" and var.name not in out and out.get(var.group) == split_param_key(var.name)[1]:
                 out[var.name] = var.default
-            elif var.kind == "bits" and var.name not in out:
+            elif var.kind in ("bits", "groups") and var.name not in out:
                 out[var.name] = var.default
         return out
 

@@ -1,10 +1,15 @@
 """Bit operations of an assignment's weight layers (Mix-QViT's cost): ``sum MACs x w_bits x a_bits``
-per image, in billions (``gbops``, lower is better).
+per image, in billions (``gbops``, lower is better), plus the overhead of instance-aware groups.
 
 Bit-widths come from the assignment's ``<layer>@bits`` keys (a joint search over methods and
 bit-widths, ``--joint-bits``); layers it does not name keep the model's. MACs are measured once on
 the run's model (:func:`mnq_search.mixprec.layer_macs`, one image). With ``proxy`` it makes the
 accuracy x BOPs Pareto front of issue 14: ``--objective proxy,bops --sampler nsga2 --joint-bits``.
+
+Group counts come from the assignment's ``<layer>@groups`` keys (``--joint-groups``, IGQ-ViT): each
+adds its layer's overhead (:func:`mnq_search.groups.group_overhead`: statistics, assignment and
+per-group rescales, at the layer's bit-width in the assignment); 1 group adds nothing. The products
+themselves are the weight layers' BOPs, so per tensor the two counts agree.
 """
 
 from __future__ import annotations
@@ -20,23 +25,61 @@ from ._registry import register_objective
 class BopsObjective(Objective):
     direction = "minimize"
     metric = "gbops"
-    description = "bit operations per image of the weight layers (GBOPs), from the assignment's bit-widths"
+    description = "bit operations per image of the weight layers (GBOPs), from the assignment's bit-widths and groups"
 
     def __init__(self) -> None:
         self.macs: dict[str, int] | None = None
         self.base: dict[str, tuple[int, int]] = {}
+        self.shapes: dict | None = None  # group layer -> LayerShape, measured when the space has groups
+        self.base_groups: dict[str, int | str] = {}
 
     def setup(self, ctx: Any) -> None:
         from mnq_search.mixprec import layer_bits, layer_macs
 
         self.macs = layer_macs(ctx.qmodel)
         self.base = layer_bits(ctx.qmodel)
+        space = getattr(ctx, "search_space", None)
+        if space is not None and space.variables("groups"):
+            from mnq_search.groups import get_groups, layer_shapes
+
+            x = next(iter(ctx.calib_batches()))[0].to(ctx.device)
+            self.shapes = layer_shapes(ctx.qmodel, x)
+            self.base_groups = get_groups(ctx.qmodel)
 
     def evaluate(self, assignment: Mapping[str, Any], ctx: Any = None, trial: Any = None) -> float:
         from mnq_search.mixprec import total_bops
-        from mnq_search.slot import split_bits
+        from mnq_search.slot import split_layer_keys
 
         if self.macs is None:
             self.setup(ctx)
-        bits = {**self.base, **{layer: (b, b) for layer, b in split_bits(assignment)[1].items()}}
-        return total_bops(self.macs, bits) / 1e9
+        _, key_bits, key_groups = split_layer_keys(assignment)
+        bits = {**self.base, **{layer: (b, b) for layer, b in key_bits.items()}}
+        return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits)) / 1e9
+
+    def group_overhead(self, groups: Mapping[str, int | str], bits: Mapping[str, tuple[int, int]] | None = None) -> int:
+        """BOPs per image of the groups ``groups`` (layer -> setting), each linear's at its ``bits``."""
+        import dataclasses
+
+        from mnq_search.groups import group_overhead
+
+        if not groups:
+            return 0
+        if self.shapes is None:
+            raise ValueError("the bops objective counts groups only in a search space with group variables")
+        total = 0
+        for name, g in groups.items():
+            shape = self.shapes[name]
+            if shape.kind == "linear" and bits and name in bits:
+                shape = dataclasses.replace(shape, weight_bits=bits[name][0], act_bits=bits[name][1])
+            total += group_overhead(shape, g)
+        return total
+
+    def budget(self, text: str) -> float:
+        """The budget ``text`` (``w6a6``, ``w4a4g8``, ``1.2G``) in GBOPs per image on this model."""
+        from mnq_search.mixprec import parse_budget
+
+        def uniform_groups(g: int) -> int:
+            return self.group_overhead({name: min(g, s.channels) if s.kind == "linear" else g
+                                        for name, s in (self.shapes or {}).items()})
+
+        return parse_budget(text, self.macs, uniform_groups if self.shapes is not None else None) / 1e9

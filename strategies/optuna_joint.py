@@ -189,16 +189,14 @@ class OptunaStrategy(Strategy):
         best = front[0]
         budget = None
         if ctx.settings.budget is not None:  # the best front point within the BOPs budget
-            from mnq_search.mixprec import parse_budget
-
             i = opts.objectives.index("bops")
-            budget = parse_budget(ctx.settings.budget, objectives[i].macs) / 1e9
+            budget = objectives[i].budget(ctx.settings.budget)
             within = [t for t in front if t.values[i] <= budget]
             if not within:
                 raise UsageError(f"no trial of the front lies within the budget {ctx.settings.budget} "
                                  f"({budget:.4g} GBOPs); the cheapest costs {min(t.values[i] for t in front):.4g}")
             best = within[0]
-        assignment = ctx.search_space.active(dict(best.params))  # methods, their parameters, bit-widths
+        assignment = ctx.search_space.active(dict(best.params))  # methods, their parameters, bit-widths, groups
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
         self.front = [{"number": t.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, t.values)},
                        "counts": counts(t.params, ctx.slot_ops), "slots": dict(t.params)} for t in front]

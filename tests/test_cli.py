@@ -114,6 +114,31 @@ def test_joint_bits_and_methods_front_and_budget(ckpt, tmp_path, capsys):
     assert len(saved) == 12 * 4 + 2 and set(saved.values()) <= {4, 6, 8}
 
 
+def test_joint_groups_and_methods_front_budget_and_eval(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "optuna", "--objective", "proxy,bops", "--sampler", "nsga2",
+                            "--joint-groups", "--search-groups", "1,4", "--budget", "w8a8g2", "--n-trials", "8",
+                            "--warm-start", "uniform:ibert", "--val-size", "20", "--checkpoint", ckpt, "--out", out,
+                            *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    gbops = [p["values"]["gbops"] for p in front]
+    assert gbops == sorted(gbops, reverse=True)
+    saved = json.loads((out / "assignment.json").read_text())["layer_groups"]
+    assert len(saved) == 12 * 5 and set(saved.values()) <= {1, 4}  # 4 linears + probabilities per block
+    assert result["groups"]["setting"] == "searched" and result["groups"]["layers"] == saved
+    chosen = [p for p in front if {k[: -len("@groups")]: v for k, v in p["slots"].items() if k.endswith("@groups")} == saved]
+    assert chosen and chosen[0]["values"]["gbops"] <= result["search"]["budget_gbops"]
+    # the cheapest front point is per tensor everywhere (w8a8, no overhead); the budget adds 2 groups' overhead
+    cheapest = front[-1]
+    assert {v for k, v in cheapest["slots"].items() if k.endswith("@groups")} == {1}
+    assert result["search"]["budget_gbops"] > cheapest["values"]["gbops"]
+    code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval applied the searched groups
+
+
 def test_the_greedy_rule_picks_the_lowest_diff(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli(["run", "--strategy", "sqnr_diff", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
@@ -248,6 +273,14 @@ def _bad_cases(tmp_path, ckpt):
         "joint bits with sequential": (["run", "--strategy", "sequential", "--joint-bits", *c], "--joint-bits"),
         "budget with optuna proxy only": (["run", "--strategy", "optuna", "--joint-bits", "--budget", "w6a6", *c],
                                           "--budget applies only"),
+        "joint groups with fixed groups": (["run", "--strategy", "random", "--joint-groups", "--groups", "8", *c],
+                                           "leave --groups at 1"),
+        "group budget without joint groups": (["run", "--strategy", "optuna", "--objective", "proxy,bops", "--joint-bits",
+                                               "--budget", "w6a6g8", *c], "needs --joint-groups"),
+        "bad search groups": (["run", "--strategy", "random", "--joint-groups", "--search-groups", "1,x", *c],
+                              "--search-groups"),
+        "zero search groups": (["run", "--strategy", "random", "--joint-groups", "--search-groups", "0,2", *c],
+                               "--search-groups"),
         "bad mixqvit argument": (["run", "--strategy", "mixqvit:random", "--budget", "w6a6", *c], "mixqvit:sequential"),
         "negative multicrop": (["run", "--strategy", "uniform:ibert", "--qat-epochs", "1", "--multicrop", "-1", *c],
                                "--multicrop"),

@@ -245,3 +245,104 @@ def test_group_sensitivity_and_allocation_on_a_model():
     budget = G.total_cost(shapes, {n: 2 for n in shapes})
     alloc = G.allocate_groups(sens, shapes, budget)
     assert alloc.cost <= budget and set(alloc.groups.values()) <= {1, 2, 4}
+
+
+# --- group counts as search variables (``<layer>@groups``, --joint-groups) ------------------------
+
+def test_group_variables_in_the_space_and_the_assignment():
+    from mnq_search.slot import groups_key
+    from mnq_search.space import SearchSpace
+
+    _, q, _ = _tiny()
+    space = SearchSpace.from_model(q, kinds=("method", "groups"), groups=(1, 4, 64))
+    var = space[groups_key("blocks.0.mlp.fc1")]
+    assert var.kind == "groups" and var.default == 1 and var.choices == (1, 4)  # fc1 reads 32 channels
+    assert space[groups_key("blocks.0.mlp.fc2")].choices == (1, 4, 64)  # fc2 reads 128
+    assert space[groups_key("blocks.0.attn.softmax")].choices == (1, 4, 64)
+    assert len(space.variables("groups")) == len(G.group_layers(q)) == 10
+    a = space.complete(q.get_assignment())  # a methods-only strategy's choice: groups at their defaults
+    assert {a[v.name] for v in space.variables("groups")} == {1}
+    q.set_assignment({**a, groups_key("blocks.1.mlp.fc2"): 8, groups_key("blocks.0.attn.softmax"): 2})
+    got = G.get_groups(q)
+    assert got["blocks.1.mlp.fc2"] == 8 and got["blocks.0.attn.softmax"] == 2 and got["blocks.0.mlp.fc1"] == 1
+    before = (q.get_assignment(), G.get_groups(q))
+    with pytest.raises(UsageError, match="not a group layer"):  # checked first: methods stay too
+        q.set_assignment({"blocks.0.mlp.act": "ivit", groups_key("head"): 2})
+    with pytest.raises(UsageError, match="must not exceed"):
+        q.set_assignment({"blocks.0.mlp.act": "ivit", groups_key("blocks.0.mlp.fc1"): 64})
+    assert (q.get_assignment(), G.get_groups(q)) == before
+    assert space.sections({groups_key("blocks.1.mlp.fc2"): 8})["layer_groups"] == {groups_key("blocks.1.mlp.fc2"): 8}
+
+
+def test_assignment_file_round_trip_with_groups(tmp_path):
+    from mnq_search.plan import load_assignment, save_assignment
+    from mnq_search.slot import groups_key
+
+    _, q, _ = _tiny()
+    a = {**q.get_assignment(), groups_key("blocks.0.attn.qkv"): "channel", groups_key("blocks.1.attn.softmax"): 16}
+    save_assignment(tmp_path / "a.json", a, bits=4)
+    import json
+
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["layer_groups"] == {"blocks.0.attn.qkv": "channel", "blocks.1.attn.softmax": 16}
+    assert "blocks.0.attn.qkv@groups" not in data["slots"]
+    back, meta = load_assignment(tmp_path / "a.json", q.slot_ops())
+    assert back == a and meta == {"bits": 4}
+    data["layer_groups"]["blocks.0.attn.qkv"] = 0
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(UsageError, match="layer_groups"):
+        load_assignment(tmp_path / "b.json", q.slot_ops())
+
+
+def test_evaluator_reads_group_keys_as_groups():
+    from mnq_search.slot import groups_key
+
+    model, q, shape = _tiny()
+    gen = torch.Generator().manual_seed(9)
+    calib = [torch.randn(8, *shape, generator=gen)]
+    val = [torch.randn(8, *shape, generator=gen)]
+    a = q.get_assignment()
+    ev = IncrementalEvaluator(q, model, calib, val)
+    spec = {"blocks.1.mlp.fc1": 4, "blocks.0.attn.softmax": 2}
+    by_keys = ev.score({**a, **{groups_key(n): g for n, g in spec.items()}})
+    ev2 = IncrementalEvaluator(q, model, calib, val)
+    assert by_keys == ev2.score(a, groups=spec)
+    assert by_keys != ev2.score(a, groups={n: 1 for n in spec})
+
+
+def test_bops_objective_counts_group_overhead_and_group_budgets():
+    from types import SimpleNamespace
+
+    from mnq_search.budget import parse_budget_spec
+    from mnq_search.mixprec import layer_bits, layer_macs, total_bops
+    from mnq_search.slot import bits_key, groups_key
+    from mnq_search.space import SearchSpace
+    from objectives import get_objective
+
+    _, q, shape = _tiny(bits=6)
+    x = torch.zeros(2, *shape)
+    ctx = SimpleNamespace(qmodel=q, device="cpu", calib_batches=lambda: [(x, None)],
+                          search_space=SearchSpace.from_model(q, kinds=("method", "bits", "groups")))
+    obj = get_objective("bops")()
+    obj.setup(ctx)
+    a = q.get_assignment()
+    weights = total_bops(layer_macs(q), layer_bits(q))
+    assert obj.evaluate(a) == pytest.approx(weights / 1e9)  # 1 group everywhere: no overhead
+    shapes = G.layer_shapes(q, x)
+    spec = {"blocks.0.mlp.fc1": 8, "blocks.1.attn.softmax": 4}
+    overhead = sum(G.layer_cost(shapes[n], g) - G.layer_cost(shapes[n], 1) for n, g in spec.items())
+    assert overhead > 0
+    got = obj.evaluate({**a, **{groups_key(n): g for n, g in spec.items()}})
+    assert got == pytest.approx((weights + overhead) / 1e9)
+    # a linear's group overhead follows its bit-width in the assignment (the groups' grids)
+    at4 = obj.evaluate({**a, groups_key("blocks.0.mlp.fc1"): 8, bits_key("blocks.0.mlp.fc1"): 4})
+    at6 = obj.evaluate({**a, groups_key("blocks.0.mlp.fc1"): 8})
+    assert at4 < at6
+    # w6a6g8: the weight BOPs at 6 bits plus 8 groups at every group layer (a linear: at most its channels)
+    assert parse_budget_spec("w6a6g8") == ((6, 6), None, 8) and parse_budget_spec("w6a6").groups is None
+    g8 = sum(G.layer_cost(s, 8) - G.layer_cost(s, 1) for s in shapes.values())
+    uniform6 = total_bops(layer_macs(q), default=(6, 6))
+    assert obj.budget("w6a6g8") == pytest.approx((uniform6 + g8) / 1e9)
+    assert obj.budget("w6a6") == pytest.approx(uniform6 / 1e9)
+    with pytest.raises(UsageError):
+        parse_budget_spec("w6a6g0")

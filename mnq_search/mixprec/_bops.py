@@ -17,7 +17,7 @@ int32 accumulator grid).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -203,21 +203,28 @@ def weight_bytes(params: Mapping[str, tuple[int, int]], bits: Mapping[str, Bits]
     return total / 8
 
 
-def parse_budget(text: str, macs: Mapping[str, int]) -> float:
+def parse_budget(text: str, macs: Mapping[str, int], group_overhead: Callable[[int], float] | None = None) -> float:
     """A BOPs budget from a string.
 
     Accepted forms: a uniform setting ``"w6a6"`` (the BOPs of every layer at 6-bit weights and
-    6-bit activations), or an absolute count: ``"2.5e9"``, ``"1.2G"``, ``"800M"``, ``"3e12"``
-    (units k, M, G, T; an optional ``"BOPs"`` suffix).
+    6-bit activations), with a group count ``"w4a4g8"`` (plus ``group_overhead(8)``, the overhead of
+    8 groups at every group layer), or an absolute count: ``"2.5e9"``, ``"1.2G"``, ``"800M"``,
+    ``"3e12"`` (units k, M, G, T; an optional ``"BOPs"`` suffix).
 
     Args:
         text: the budget.
         macs: layer -> MACs per image, for the uniform form.
+        group_overhead: G -> BOPs per image of G groups everywhere, for the group form.
 
     Returns:
         The budget in BOPs per image.
     """
     spec = parse_budget_spec(text)
     if spec.bits is not None:
-        return float(total_bops(macs, default=spec.bits))
+        extra = 0.0
+        if spec.groups is not None:
+            if group_overhead is None:
+                raise UsageError(f"budget {text!r}: a group budget needs a search over group counts (--joint-groups)")
+            extra = float(group_overhead(spec.groups))
+        return float(total_bops(macs, default=spec.bits)) + extra
     return spec.bops

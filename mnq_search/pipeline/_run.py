@@ -17,7 +17,7 @@ import torch
 from ..calibrate import calibrate, evaluate
 from ..context import RunContext, RunSettings
 from ..plan import counts
-from ..slot import BITS_SUFFIX
+from ..slot import split_layer_keys
 from ._build import open_run
 from ._device import device_name
 from ._outputs import read_sensitivity_csv, sensitivity_csv, write_run_outputs
@@ -69,7 +69,10 @@ def run(settings: RunSettings) -> dict[str, Any]:
 
     qmodel = ctx.qmodel
     qmodel.set_assignment(assignment)
-    group_record = None if groups.is_default else _apply_groups(ctx, groups, assignment, timings)
+    _, layer_bits, layer_groups = split_layer_keys(assignment)
+    searched_groups = settings.joint_groups or bool(layer_groups)
+    group_record = (_apply_groups(ctx, groups, assignment, timings, searched_groups)
+                    if searched_groups or not groups.is_default else None)
     t = time.perf_counter()
     calibrate(qmodel, ctx.calib_batches(), ctx.device)
     timings["calibrate_s"] = time.perf_counter() - t
@@ -102,7 +105,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     result.update(extra)
     if group_record is not None:
         result["groups"] = group_record
-    if settings.joint_bits or any(k.endswith(BITS_SUFFIX) for k in assignment):
+    if settings.joint_bits or layer_bits:
         from ..mixprec import bits_summary
 
         result["layer_bits"] = bits_summary(qmodel)
@@ -121,16 +124,17 @@ def run(settings: RunSettings) -> dict[str, Any]:
     return result
 
 
-def _apply_groups(ctx: RunContext, groups, assignment, timings: dict[str, float]) -> dict[str, Any]:
+def _apply_groups(ctx: RunContext, groups, assignment, timings: dict[str, float], searched: bool = False) -> dict[str, Any]:
     """Set the group layers of ``--groups alloc:G`` (allocated on validation for ``assignment``);
-    returns what result.json records of the groups: the setting, every layer's count, the BOPs per
-    image and, allocated, the budget and the sensitivity table."""
+    returns what result.json records of the groups: the setting (``searched`` when the strategy chose
+    them, ``--joint-groups``), every layer's count, the BOPs per image and, allocated, the budget and
+    the sensitivity table."""
     from ..groups import (allocate_groups, get_groups, group_sensitivity, layer_shapes, set_groups, total_cost,
                           uniform_groups)
 
     x = next(iter(ctx.calib_batches()))[0].to(ctx.device)
     shapes = layer_shapes(ctx.qmodel, x)
-    record: dict[str, Any] = {"setting": str(groups)}
+    record: dict[str, Any] = {"setting": "searched" if searched else str(groups)}
     if groups.kind == "alloc":
         from ..incremental import evaluator_for
 
