@@ -6,13 +6,16 @@ calibration images the ranges were fitted on).
 - ``proxy_sqnr``: output SQNR of the logits in dB, 10 log10(sum f^2 / sum (f - q)^2) (higher is better).
 
 Both calibrate a copy of the model with the assignment on the run's calibration images (as the
-pipeline does for the final model) and compare on the validation images: one calibration and one
-forward pass per trial.
+pipeline does for the final model) and compare on the validation images. The copy is an
+:class:`~mnq_search.incremental.IncrementalEvaluator` (one per thread of an ``n_jobs`` study): a trial
+recalibrates and recomputes only from the first block its assignment changes against the thread's
+previous trial, on cached activations, with the same logits as a fresh calibration.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,6 +39,7 @@ class _LogitsObjective(Objective):
 
     def __init__(self) -> None:
         self._ref: list[torch.Tensor] | None = None
+        self._local = threading.local()  # each thread's incremental evaluator
 
     def validation_images(self, settings) -> int:
         return settings.val_size
@@ -46,9 +50,18 @@ class _LogitsObjective(Objective):
     def evaluate(self, assignment: Mapping[str, str], ctx: Any, trial: Any = None) -> float:
         if self._ref is None:
             self.setup(ctx)
-        quant = _logits(self.calibrated(assignment, ctx), ctx)
-        value = self.compare(torch.cat(self._ref), torch.cat(quant))
+        value = self.compare(torch.cat(self._ref), torch.cat(self.quant_logits(assignment, ctx)))
         return self.worst if math.isnan(value) else value
+
+    def quant_logits(self, assignment: Mapping[str, str], ctx: Any) -> list[torch.Tensor]:
+        """The validation logits of the model calibrated with ``assignment`` (incrementally)."""
+        from mnq_search.incremental import evaluator_for
+
+        ev = getattr(self._local, "evaluator", None)
+        if ev is None:
+            ev = self._local.evaluator = evaluator_for(ctx)
+        ev.score(dict(assignment))
+        return [x.double().cpu() for x in ev.logits]
 
     def compare(self, ref: torch.Tensor, quant: torch.Tensor) -> float:
         raise NotImplementedError

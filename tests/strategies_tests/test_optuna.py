@@ -281,3 +281,36 @@ def test_options_round_trip():
     assert SearchOptions.from_dict(opts.to_dict()) == opts
     with pytest.raises(UsageError, match="unknown search option 'n_trial'"):
         SearchOptions.from_dict({"n_trial": 3})
+
+
+@pytest.mark.parametrize("name", ["proxy", "proxy_sqnr"])
+def test_proxy_objectives_equal_a_fresh_calibration_trial_after_trial(base, tmp_path, name):
+    """The incremental evaluator behind the proxy objectives gives the value of a freshly calibrated
+    copy, whatever the previous trial was (methods, a method parameter, a later slot only)."""
+    import random
+
+    import torch
+
+    from mnq_search.space import SearchSpace
+
+    model, qmodel, *_ = base
+    ctx = make_ctx(base, tmp_path)
+    ctx.settings.val_size = 6
+    obj = get_objective(name)()
+    space = SearchSpace.of_slots(qmodel.slot_ops())
+    rng = random.Random(3)
+    trials = [uniform_assignment("ibert", qmodel.slot_ops()), uniform_assignment("ivit", qmodel.slot_ops())]
+    trials += [space.random(rng) for _ in range(2)]
+    last, final = dict(trials[-1]), list(qmodel.slot_ops())[-1]  # then only the last slot changes
+    last[final] = next(m for m in methods_for(qmodel.slot_ops()[final]) if m != last[final])
+    trials.append(space.complete(last))
+    with torch.inference_mode():
+        model.eval()
+        ref = torch.cat([model(x).double() for x, _ in ctx.validation_batches(6)])
+    for a in trials:
+        got = obj.evaluate(a, ctx)
+        fresh = ctx.calibrated(dict(a))
+        fresh.eval()
+        with torch.inference_mode():
+            quant = torch.cat([fresh(x).double() for x, _ in ctx.validation_batches(6)])
+        assert got == obj.compare(ref, quant)
