@@ -122,8 +122,8 @@ def _add_search_args(p: argparse.ArgumentParser) -> None:
                         "(default: sqlite:///OUT/study.db)")
     g.add_argument("--study", metavar="NAME", default=None, help="study name (default: OBJECTIVES-BITSbit, e.g. proxy-8bit)")
     g.add_argument("--warm-start", metavar="NAMES", default=None,
-                   help="strategies whose assignments are the first trials, comma-separated, or none "
-                        "(default: every uniform and greedy strategy)")
+                   help="strategies or assignment files (*.json, e.g. a run's assignment.json) whose assignments are "
+                        "the first trials, comma-separated, or none (default: every uniform and greedy strategy)")
     g.add_argument("--qat-steps", metavar="N", type=int, default=None, help=f"QAT steps per trial of the qat objective (default: {D.qat_steps})")
     g.add_argument("--qat-holdout", metavar="N", type=int, default=None,
                    help=f"validation images the qat objective's top-1 is measured on (default: {D.qat_holdout})")

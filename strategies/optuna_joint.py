@@ -52,12 +52,20 @@ def default_warm_starts() -> list[str]:
 
 
 def warm_starts(ctx: RunContext, names: list[str] | tuple[str, ...] | None) -> list[tuple[dict, list[str]]]:
-    """The assignments of the strategies ``names`` (None: :func:`default_warm_starts`), identical
-    ones merged: a list of (assignment, strategy names)."""
+    """The assignments of the strategies or assignment files ``names`` (None: :func:`default_warm_starts`),
+    identical ones merged: a list of (assignment, names). A file's values outside the search space
+    (a bit-width or group count the run does not search) are left to the space's defaults."""
+    from mnq_search.plan import load_assignment
+    from mnq_search.search import is_assignment_file
+
     out: dict[tuple[str, ...], tuple[dict, list[str]]] = {}
     space = ctx.search_space
     for name in default_warm_starts() if names is None else names:
-        assignment = space.complete(get_strategy(name).select(ctx))
+        if is_assignment_file(name):
+            given = {k: v for k, v in load_assignment(name, ctx.slot_ops)[0].items() if k in space}
+            assignment = space.complete(given)
+        else:
+            assignment = space.complete(get_strategy(name).select(ctx))
         if any(v not in space[s].choices for s, v in assignment.items()):
             continue  # a family the run does not offer (--families)
         key = tuple(sorted((k, str(v)) for k, v in assignment.items()))

@@ -70,6 +70,21 @@ def test_run_with_allocated_groups_records_them_within_budget(ckpt, tmp_path, ca
                     "--out", out8, *FAST], capsys)[0] == 0
     g8 = json.loads((out8 / "result.json").read_text())["groups"]
     assert set(g8["layers"].values()) == {4} and g8["bops_per_image"] == g["budget_bops"]
+    # the assignment files keep the groups: eval reproduces both runs
+    assert json.loads((out / "assignment.json").read_text())["layer_groups"] == g["layers"]
+    for run in (out, out8):
+        top1 = json.loads((run / "result.json").read_text())["top1_quant"]
+        code, stdout, err = run_cli(["eval", "--assignment", run / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+        assert code == 0, err
+        assert f"top-1 {top1:.2f} %" in stdout
+    # and the allocated run warm-starts a joint search: its first trial is that assignment
+    joint = tmp_path / "joint"
+    code, _, err = run_cli(["run", "--strategy", "optuna", "--bits", "4", "--joint-groups", "--n-trials", "2",
+                            "--warm-start", out / "assignment.json", "--val-size", "20", "--checkpoint", ckpt,
+                            "--out", joint, *FAST], capsys)
+    assert code == 0, err
+    trials = json.loads((joint / "search.json").read_text())
+    assert str(out / "assignment.json") in json.dumps(trials["warm_starts"])
 
 
 @pytest.mark.parametrize("importance", ["none", "hessian"])
@@ -277,6 +292,8 @@ def _bad_cases(tmp_path, ckpt):
                                            "leave --groups at 1"),
         "group budget without joint groups": (["run", "--strategy", "optuna", "--objective", "proxy,bops", "--joint-bits",
                                                "--budget", "w6a6g8", *c], "needs --joint-groups"),
+        "missing warm start file": (["run", "--strategy", "optuna", "--warm-start", str(tmp_path / "none.json"), *c],
+                                    "--warm-start"),
         "bad search groups": (["run", "--strategy", "random", "--joint-groups", "--search-groups", "1,x", *c],
                               "--search-groups"),
         "zero search groups": (["run", "--strategy", "random", "--joint-groups", "--search-groups", "0,2", *c],

@@ -73,6 +73,10 @@ def run(settings: RunSettings) -> dict[str, Any]:
     searched_groups = settings.joint_groups or bool(layer_groups)
     group_record = (_apply_groups(ctx, groups, assignment, timings, searched_groups)
                     if searched_groups or not groups.is_default else None)
+    if group_record is not None:  # the assignment file keeps them (layer_groups), so eval and qat reproduce the run
+        from ..slot import groups_key
+
+        assignment = {**assignment, **{groups_key(n): g for n, g in group_record["layers"].items()}}
     t = time.perf_counter()
     calibrate(qmodel, ctx.calib_batches(), ctx.device)
     timings["calibrate_s"] = time.perf_counter() - t

@@ -15,6 +15,7 @@ from ._budget import BudgetFull as BudgetFull
 from ._budget import claim_budget as claim_budget
 from ._budget import tally as tally
 from ._options import SearchOptions as SearchOptions
+from ._options import is_assignment_file as is_assignment_file
 from ._options import split_names as split_names
 from ._samplers import list_pruners as list_pruners
 from ._samplers import list_samplers as list_samplers

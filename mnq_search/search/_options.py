@@ -24,7 +24,7 @@ class SearchOptions:
     pruner: str = "median"
     storage: str | None = None  # None: sqlite:///OUT/study.db
     study: str | None = None  # None: "<objectives>-<bits>bit"
-    warm_start: tuple[str, ...] | None = None  # None: every uniform and greedy strategy; (): none
+    warm_start: tuple[str, ...] | None = None  # strategies or assignment files (*.json); None: every uniform and greedy strategy; (): none
     heartbeat: int = 60  # seconds between heartbeats of a running trial (RDB storages)
     grace: int | None = None  # seconds without heartbeat before a trial is failed (None: 2 x heartbeat)
     max_retry: int = 3  # times a trial failed by heartbeat is queued again
@@ -74,6 +74,11 @@ class SearchOptions:
             from strategies import get_strategy
 
             for name in self.warm_start:
+                if is_assignment_file(name):
+                    from mnq_search.preflight import check_input_file
+
+                    check_input_file(name, "--warm-start")
+                    continue
                 if name.partition(":")[0] == "optuna":
                     raise UsageError("--warm-start cannot name the optuna strategy itself")
                 get_strategy(name)
@@ -94,3 +99,8 @@ def split_names(text: str) -> tuple[str, ...]:
     """``"qat, cost"`` -> ``("qat", "cost")``; ``"none"`` -> ``()``."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     return () if names == ("none",) else names
+
+
+def is_assignment_file(name: str) -> bool:
+    """Whether a ``--warm-start`` entry names an assignment file (``*.json``) rather than a strategy."""
+    return name.lower().endswith(".json")
