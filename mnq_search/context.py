@@ -132,11 +132,10 @@ class RunSettings:
             except UsageError as e:
                 raise UsageError(f"--budget: {e}") from None
         is_mixqvit = self.strategy.partition(":")[0] == "mixqvit"
-        bops_search = (self.strategy.partition(":")[0] == "optuna" and (self.joint_bits or self.joint_groups)
-                       and self.search is not None and "bops" in self.search.objectives)
+        bops_search = self.strategy.partition(":")[0] == "optuna" and (self.joint_bits or self.joint_groups)
         if self.budget is not None and not (is_mixqvit or bops_search):
             raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits or --joint-groups "
-                             "and the bops objective")
+                             "(a constraint on every trial)")
         if self.budget is not None and parse_budget_spec(self.budget).groups and not self.joint_groups:
             raise UsageError(f"--budget {self.budget}: a group budget (gG) needs --joint-groups")
         if is_mixqvit and self.budget is None:

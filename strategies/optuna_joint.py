@@ -85,14 +85,22 @@ def suggest(trial, space) -> dict:
 
 
 class _TrialFunction:
-    """The study's objective: claim a place in the budget, suggest one method per slot, evaluate."""
+    """The study's objective: claim a place in the budget, suggest one method per slot, evaluate.
+    With a BOPs budget (``limit``: the bops objective and the budget in GBOPs) every trial records its
+    ``gbops`` and the constraint ``gbops - budget`` (feasible at <= 0), which Optuna's samplers and
+    ``best_trials`` respect."""
 
-    def __init__(self, ctx: RunContext, objectives: list, n_trials: int):
-        self.ctx, self.objectives, self.n_trials = ctx, objectives, n_trials
+    def __init__(self, ctx: RunContext, objectives: list, n_trials: int, limit: tuple[Any, float] | None = None):
+        self.ctx, self.objectives, self.n_trials, self.limit = ctx, objectives, n_trials, limit
 
     def __call__(self, trial) -> float | list[float]:
         claim_budget(trial, self.n_trials)
         assignment = suggest(trial, self.ctx.search_space)
+        if self.limit is not None:
+            cost, budget = self.limit
+            gbops = float(cost.evaluate(assignment, self.ctx))
+            trial.set_user_attr("gbops", gbops)
+            trial.set_constraint("gbops", gbops - budget)
         same = self._same_as(trial, assignment)
         if same is not None:
             trial.set_user_attr("same_as", same.number)
@@ -131,6 +139,29 @@ def _sort_key(values, objectives) -> tuple[float, ...]:
     return tuple(v if o.direction == "minimize" else -v for v, o in zip(values, objectives))
 
 
+def _pareto_front(trials, objectives) -> list:
+    """The trials no other trial dominates (every value at least as good, one better), constraints
+    not considered: the front ``pareto.json`` shows even when a budget selects within it."""
+    keys = [(t, _sort_key(t.values, objectives)) for t in trials]
+    return [t for t, k in keys
+            if not any(all(a <= b for a, b in zip(o, k)) and o != k for _, o in keys)]
+
+
+def _budget_limit(ctx: RunContext, objectives: list, opts) -> tuple[Any, float] | None:
+    """(the bops objective, the budget in GBOPs) of a run with ``--budget``: the study's bops objective,
+    or one set up for the constraint alone when the study optimises accuracy only."""
+    if ctx.settings.budget is None:
+        return None
+    from objectives.bops import BopsObjective
+
+    if "bops" in opts.objectives:
+        cost = objectives[opts.objectives.index("bops")]  # set up with the study's objectives
+    else:
+        cost = BopsObjective()
+        cost.setup(ctx)
+    return cost, cost.budget(ctx.settings.budget)
+
+
 @register_strategy("optuna")
 class OptunaStrategy(Strategy):
     """Optuna study over every variable of the search space jointly; options from the run's
@@ -149,6 +180,7 @@ class OptunaStrategy(Strategy):
         super().__init__(arg)
         self.info: dict[str, Any] = {}
         self.front: list[dict[str, Any]] = []
+        self.limit: tuple[Any, float] | None = None
 
     def select(self, ctx: RunContext) -> dict[str, str]:
         import optuna
@@ -178,8 +210,9 @@ class OptunaStrategy(Strategy):
                                         make_pruner(opts.pruner) if len(objectives) == 1 else None)
             for obj in objectives:
                 obj.setup(ctx)
+            self.limit = _budget_limit(ctx, objectives, opts)
             callbacks = [_progress(metrics)] if st.progress else []
-            run_worker(study, _TrialFunction(ctx, objectives, opts.n_trials), opts.n_trials, opts.timeout,
+            run_worker(study, _TrialFunction(ctx, objectives, opts.n_trials, self.limit), opts.n_trials, opts.timeout,
                        opts.n_jobs, callbacks, storage=storage, heartbeat=heartbeat, grace=opts.grace,
                        poll_s=min(5.0, float(opts.heartbeat)))
         finally:
@@ -193,17 +226,21 @@ class OptunaStrategy(Strategy):
         if not complete:
             raise UsageError(f"study {spec.name!r} has no completed trial yet (trials: {tally(study)}); "
                              "run longer (--timeout) or check the failed trials with 'mnq-search export'")
-        front = sorted(study.best_trials, key=lambda t: (_sort_key(t.values, objectives), t.number))
+        rank = lambda t: (_sort_key(t.values, objectives), t.number)  # noqa: E731
+        front = sorted(_pareto_front(complete, objectives), key=rank)  # constraints aside: the whole front
         best = front[0]
         budget = None
-        if ctx.settings.budget is not None:  # the best front point within the BOPs budget
-            i = opts.objectives.index("bops")
-            budget = objectives[i].budget(ctx.settings.budget)
-            within = [t for t in front if t.values[i] <= budget]
+        if self.limit is not None:  # the best trial (of two objectives: in the first) within the BOPs budget
+            cost, budget = self.limit
+            gbops = {t.number: t.user_attrs.get("gbops", None) for t in complete}
+            for t in complete:  # trials of an older run of the study, without the record
+                if gbops[t.number] is None:
+                    gbops[t.number] = float(cost.evaluate(ctx.search_space.active(dict(t.params)), ctx))
+            within = [t for t in complete if gbops[t.number] <= budget]
             if not within:
-                raise UsageError(f"no trial of the front lies within the budget {ctx.settings.budget} "
-                                 f"({budget:.4g} GBOPs); the cheapest costs {min(t.values[i] for t in front):.4g}")
-            best = within[0]
+                raise UsageError(f"no trial lies within the budget {ctx.settings.budget} ({budget:.4g} GBOPs); "
+                                 f"the cheapest costs {min(gbops.values()):.4g}")
+            best = min(within, key=rank)
         assignment = ctx.search_space.active(dict(best.params))  # methods, their parameters, bit-widths, groups
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
         self.front = [{"number": t.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, t.values)},

@@ -129,6 +129,27 @@ def test_joint_bits_and_methods_front_and_budget(ckpt, tmp_path, capsys):
     assert len(saved) == 12 * 4 + 2 and set(saved.values()) <= {4, 6, 8}
 
 
+def test_one_objective_under_a_budget_is_a_constraint(ckpt, tmp_path, capsys):
+    import optuna
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "optuna", "--objective", "proxy", "--bits", "6", "--joint-bits",
+                            "--search-bits", "4,6", "--budget", "w5a5", "--n-trials", "6", "--warm-start", "uniform:ibert,uniform:ivit",
+                            "--val-size", "20", "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    budget = result["search"]["budget_gbops"]
+    assert result["layer_bits"]["bops_per_image"] / 1e9 <= budget
+    study = optuna.load_study(study_name=result["search"]["study"], storage=f"sqlite:///{out / 'study.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 6
+    for t in trials:  # every trial carries its cost and the constraint the samplers see
+        assert t.constraints["gbops"] == pytest.approx(t.user_attrs["gbops"] - budget)
+    assert [t.constraints["gbops"] > 0 for t in trials[:2]] == [True, True]  # the all-6-bit warm starts break it
+    feasible = [t for t in trials if t.constraints["gbops"] <= 0]
+    assert result["search"]["best"]["number"] == min(feasible, key=lambda t: (t.value, t.number)).number
+
+
 def test_joint_groups_and_methods_front_budget_and_eval(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(["run", "--strategy", "optuna", "--objective", "proxy,bops", "--sampler", "nsga2",
@@ -286,8 +307,8 @@ def _bad_cases(tmp_path, ckpt):
         "bad search bits": (["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "1,8", *c],
                             "--search-bits"),
         "joint bits with sequential": (["run", "--strategy", "sequential", "--joint-bits", *c], "--joint-bits"),
-        "budget with optuna proxy only": (["run", "--strategy", "optuna", "--joint-bits", "--budget", "w6a6", *c],
-                                          "--budget applies only"),
+        "budget with optuna, no joint bits": (["run", "--strategy", "optuna", "--budget", "w6a6", *c],
+                                              "--budget applies only"),
         "joint groups with fixed groups": (["run", "--strategy", "random", "--joint-groups", "--groups", "8", *c],
                                            "leave --groups at 1"),
         "group budget without joint groups": (["run", "--strategy", "optuna", "--objective", "proxy,bops", "--joint-bits",
