@@ -10,7 +10,11 @@ Per bit-width b (linear weights and activations at b bits, the non-linear slots 
    chosen once, per tensor, and kept for every quantizer setting;
 3. each quantizer setting x assignment: calibration (128 train images), top-1 on *all* test images;
    ``alloc:8`` allocates the group counts on the validation images for that assignment;
-4. paired comparisons (bootstrap interval, exact McNemar, Holm across the table) against the
+4. with ``--joint-trials N``: the methods and the group counts searched jointly (``mnq-search run
+   --strategy optuna --objective proxy --joint-groups --budget wBaBg8``: validation KL, every trial
+   constrained to the BOPs of G = 8 everywhere), warm-started by the four assignments above (best
+   uniform and sequential, per tensor and with allocated groups);
+5. paired comparisons (bootstrap interval, exact McNemar, Holm across the table) against the
    per-tensor best-uniform cell of the same bit-width.
 
 Selection on validation, report on the test set. Resumable: every finished cell is kept in
@@ -18,7 +22,7 @@ Selection on validation, report on the test set. Resumable: every finished cell 
 Writes studies/results/group_quant.csv, benchmarks/results/group_quant.md and
 docs/report-default/group_quant.png.
 
-Usage: python benchmarks/group_quant.py [--bits 4,6] [--val-size 1000] [--work DIR]
+Usage: python benchmarks/group_quant.py [--bits 4,6] [--val-size 1000] [--joint-trials 0] [--work DIR]
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from mnq_search.incremental import evaluator_for  # noqa: E402
 from mnq_search.io import atomic_write_text  # noqa: E402
 from mnq_search.methods import list_families  # noqa: E402
 from mnq_search.pipeline._build import open_run  # noqa: E402
-from mnq_search.plan import counts  # noqa: E402
+from mnq_search.plan import counts, save_assignment  # noqa: E402
+from mnq_search.slot import groups_key  # noqa: E402
 from mnq_search.stats import comparison_cells, comparison_columns, holm_adjust, paired_comparison  # noqa: E402
 from strategies import get_strategy  # noqa: E402
 
@@ -138,6 +143,39 @@ class Bench:
         rec["correct"] = correct
         return rec
 
+    def joint(self, assigns: dict, cells: list[dict], trials: int) -> dict:
+        """Methods and group counts searched jointly by Optuna under the BOPs of G = 8 (validation KL),
+        warm-started by the cells' assignments; one ``run`` under ``work/joint-N``."""
+        from mnq_search.pipeline import run
+        from mnq_search.search import SearchOptions
+        from mnq_search.stats import unpack
+
+        out = self.work / f"joint-{trials}"
+        if not (out / "result.json").is_file():
+            starts = []
+            for c in cells:  # per tensor and allocated, of both assignments
+                if c["groups"] not in ("1", "alloc:8"):
+                    continue
+                spec = c.get("allocated") or {n: 1 for n in self.shapes}
+                path = self.work / f"warm-{c['which']}-{c['groups'].replace(':', '_')}.json"
+                save_assignment(path, {**assigns[c["which"]]["assignment"],
+                                       **{groups_key(n): g for n, g in spec.items()}}, bits=self.bits)
+                starts.append(str(path))
+            opts = SearchOptions(objectives=("proxy",), sampler="tpe", n_trials=trials, warm_start=tuple(starts))
+            run(RunSettings(strategy="optuna", bits=self.bits, nl_bits=self.bits, val_size=self.ctx.settings.val_size,
+                            eval_size=None, record_images=True, progress=self.progress, out=str(out), search=opts,
+                            joint_groups=True, budget=f"w{self.bits}a{self.bits}g8"))
+        res = json.loads((out / "result.json").read_text())
+        data = np.load(out / "correct.npz")
+        spec = res["groups"]["layers"]
+        return {"bits": self.bits, "assignment": f"optuna ({trials} trials)", "which": "joint", "groups": "searched",
+                "label": "methods x groups searched (BOPs of G=8)", "top1": res["top1_quant"],
+                "images": res["eval_images"], "bops_per_image": G.total_cost(self.shapes, spec),
+                "per_tensor_bops_per_image": G.total_cost(self.shapes, {}),
+                "group_counts": {str(k): v for k, v in sorted(_hist(spec).items(), key=lambda kv: str(kv[0]))},
+                "counts": res["counts"], "best_trial": res["search"]["best"],
+                "correct": unpack(data["test"], int(data["n"]))}
+
     def float_top1(self) -> float:
         def fp():
             return evaluate(self.ctx.model, self.ctx.data.eval_batches(None, self.ctx.settings.batch_size),
@@ -157,6 +195,8 @@ def main() -> None:
     ap.add_argument("--bits", default="4,6")
     ap.add_argument("--val-size", type=int, default=1000)
     ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "group_quant"))
+    ap.add_argument("--joint-trials", type=int, default=0,
+                    help="trials of the joint methods x groups Optuna search per bit-width (default: 0, skipped)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     try:
@@ -172,6 +212,8 @@ def main() -> None:
         assigns = bench.assignments()
         cells = [bench.cell(which, assigns[which], s) for which in ("uniform", "mixed") for s in SETTINGS]
         sweep = [bench.cell("uniform", assigns["uniform"], s) for s in SWEEP]
+        if args.joint_trials > 0:
+            cells.append(bench.joint(assigns, cells, args.joint_trials))
         base = cells[0]
         for c in cells[1:]:
             c["cmp"] = paired_comparison(c["correct"], base["correct"])
@@ -202,7 +244,8 @@ def _write(rows, curves, fps, args) -> None:
                     "group_counts": json.dumps(r["group_counts"]), "counts": json.dumps(r["counts"])})
     atomic_write_text(ROOT / "studies" / "results" / "group_quant.csv", buf.getvalue())
     lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
-             f"python benchmarks/group_quant.py --bits {args.bits} --val-size {args.val_size} -->", "",
+             f"python benchmarks/group_quant.py --bits {args.bits} --val-size {args.val_size}"
+             f"{f' --joint-trials {args.joint_trials}' if args.joint_trials else ''} -->", "",
              "Default model (fmnist-deit-tiny), linear and non-linear at the same bits; assignments chosen on "
              f"{args.val_size} validation images (per tensor), top-1 on all 10,000 test images; differences in points "
              "against the per-tensor cell with the best uniform method of the same bit-width (95 % paired bootstrap, "
