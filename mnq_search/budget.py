@@ -29,6 +29,45 @@ def valid_layer_bits(b: object) -> bool:
     return isinstance(b, int) and not isinstance(b, bool) and LAYER_BITS[0] <= b <= LAYER_BITS[1]
 
 
+# A weight layer's bits as one value (an assignment's ``<layer>@bits``, an assignment file's
+# ``layer_bits``, a search variable's choice): ``b`` for b-bit weights and inputs, ``"wXaY"`` for X-bit
+# weights and Y-bit inputs.
+_PAIR = re.compile(r"w(\d+)a(\d+)", re.IGNORECASE)
+
+
+def bits_value(w: int, a: int) -> int | str:
+    """The one-value form of (weight bits, activation bits): ``w`` when equal, else ``"w{w}a{a}"``."""
+    return int(w) if w == a else f"w{int(w)}a{int(a)}"
+
+
+def bits_pair(value: object) -> tuple[int, int] | None:
+    """(weight bits, activation bits) of a one-value form (``6``, ``"6"`` or ``"w4a8"``), None when it is
+    not one or a bit-width lies outside :data:`LAYER_BITS`."""
+    if isinstance(value, str):
+        m = _PAIR.fullmatch(value.strip())
+        if m:
+            pair = (int(m.group(1)), int(m.group(2)))
+        elif value.strip().isdigit():
+            pair = (int(value), int(value))
+        else:
+            return None
+    elif valid_layer_bits(value):
+        pair = (value, value)
+    else:
+        return None
+    return pair if all(valid_layer_bits(b) for b in pair) else None
+
+
+def parse_search_bits(text: str, flag: str = "--search-bits") -> tuple[tuple[int, int], ...]:
+    """Comma-separated candidates (``4,5,6,8``, or with separate input bits ``w4a8,w6a6,w8a8``) as
+    sorted, distinct (weight, activation) pairs; a one-line :class:`UsageError` otherwise."""
+    pairs = [bits_pair(item) for item in str(text).split(",")]
+    if not pairs or any(p is None for p in pairs):
+        raise UsageError(f"{flag}: expected comma-separated bit-widths in {LAYER_BITS[0]}..{LAYER_BITS[1]} "
+                         f"like 4,5,6,8 or pairs like w4a8,w6a6, got {text!r}")
+    return tuple(sorted(set(pairs)))
+
+
 class BudgetSpec(NamedTuple):
     """A parsed budget: ``bits`` (w, a) for a uniform setting (and ``groups``, its group count, or
     None), else ``bops`` per image."""

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget", default=None, metavar="BUDGET",
                    help="BOPs budget: a uniform setting like w6a6 or a count like 1.2G (required by mixqvit)")
     g.add_argument("--search-bits", default="4,5,6,8", metavar="BITS",
-                   help="candidate bit-widths per weight layer (2..8), weights and activations together (default: 4,5,6,8)")
+                   help="candidate bit-widths per weight layer (2..8), weights and activations together, or pairs "
+                        "with separate input bits like w4a8,w6a6,w8a8 (default: 4,5,6,8)")
     g.add_argument("--importance", default="none", choices=("none", "lrp", "hessian"),
                    help="layer importance that weighs the sensitivity: none, LRP relevance, or HAWQ Hessian "
                         "trace (default: none)")
@@ -303,11 +304,9 @@ def _run_qat_config(args):
 
 def _search_bits(text: str) -> tuple:
     """``--search-bits`` as (weight, activation) pairs, parsed without torch."""
-    try:
-        values = sorted({int(v) for v in text.split(",")})
-    except ValueError:
-        raise UsageError(f"--search-bits: expected comma-separated bit-widths like 4,5,6,8, got {text!r}") from None
-    return tuple((v, v) for v in values)
+    from .budget import parse_search_bits
+
+    return parse_search_bits(text)
 
 
 def _search_groups(text: str) -> tuple:

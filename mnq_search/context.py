@@ -70,7 +70,7 @@ class RunSettings:
     val_eval_size: int | None = None  # validation images of that top-1 (None: the whole validation split)
     groups: str = "1"  # input quantizers of the block linears and probabilities (mnq_search.groups.parse_groups)
     budget: str | None = None  # mixqvit: BOPs budget, "w6a6" or a count like "1.2G"
-    search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit: candidate (weight, activation) bits
+    search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit, --joint-bits: candidate (weight, activation) bits
     importance: str = "none"  # mixqvit: layer importance, one of IMPORTANCES
     joint_bits: bool = False  # a bit-width per weight layer in the search space (optuna, random)
     joint_groups: bool = False  # a group count per group layer in the search space (optuna, random)
@@ -154,9 +154,7 @@ class RunSettings:
         pairs = tuple(tuple(p) for p in self.search_bits)
         if not pairs or any(len(p) != 2 or not all(valid_layer_bits(b) for b in p) for p in pairs):
             raise UsageError(f"--search-bits: bit-widths must be in {LAYER_BITS[0]}..{LAYER_BITS[1]}, got {self.search_bits!r}")
-        if any(w != a for w, a in pairs):
-            raise UsageError(f"--search-bits: weights and inputs share one bit-width per layer, got {pairs!r}")
-        self.search_bits = pairs
+        self.search_bits = tuple(sorted(set(pairs)))
 
     def replace(self, **changes: Any) -> "RunSettings":
         return dataclasses.replace(self, **changes)

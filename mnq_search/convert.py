@@ -102,10 +102,11 @@ class QuantModel(nn.Module):
             from .groups import check_group_spec
 
             check_group_spec(self, groups)
-        if bits:  # "<layer>@bits": a weight layer's bit-width (weights and inputs), set_layer_bits checks all first
+        if bits:  # "<layer>@bits": a weight layer's bits (b, or "wXaY"), set_layer_bits checks all first
             from .mixprec import set_layer_bits
+            from .slot import layer_bit_pairs
 
-            set_layer_bits(self, {layer: (b, b) for layer, b in bits.items()})
+            set_layer_bits(self, layer_bit_pairs(bits))
         if groups:  # "<layer>@groups": instance-aware groups of a block linear's input or of the probabilities
             from .groups import set_groups
 

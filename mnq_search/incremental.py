@@ -113,11 +113,11 @@ class IncrementalEvaluator:
         ``groups``: group settings of group layers (:mod:`mnq_search.groups`), ``bits``: (weight,
         activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs.
         The assignment's own ``<layer>@bits`` and ``<layer>@groups`` keys count as ``bits`` and ``groups``."""
-        from .slot import split_layer_keys
+        from .slot import layer_bit_pairs, split_layer_keys
 
         assignment, key_bits, key_groups = split_layer_keys(assignment)
         if key_bits:
-            bits = {**(bits or {}), **{layer: (b, b) for layer, b in key_bits.items()}}
+            bits = {**(bits or {}), **layer_bit_pairs(key_bits)}
         if key_groups:
             groups = {**(groups or {}), **key_groups}
         changed_bits = [n for n, b in (bits or {}).items() if self.current_bits.get(n) != tuple(b)]

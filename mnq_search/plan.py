@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .budget import LAYER_BITS, valid_layer_bits
+from .budget import LAYER_BITS, bits_pair
 from .errors import UsageError
 from .io import atomic_write_json, read_json
 from .methods import OPS
@@ -127,9 +127,9 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
                          f"(e.g. {missing[0]!r}); name them or give a per-op 'default'")
     validate_assignment(params, slot_ops)
     layer_bits = meta.pop("layer_bits", {})
-    if not isinstance(layer_bits, dict) or not all(valid_layer_bits(b) for b in layer_bits.values()):
+    if not isinstance(layer_bits, dict) or not all(bits_pair(b) is not None for b in layer_bits.values()):
         raise UsageError(f"assignment file {path}: 'layer_bits' must map weight layers to bit-widths in "
-                         f"{LAYER_BITS[0]}..{LAYER_BITS[1]}")
+                         f"{LAYER_BITS[0]}..{LAYER_BITS[1]} or 'wXaY' (X-bit weights, Y-bit inputs)")
     layer_groups = meta.pop("layer_groups", {})
     if not isinstance(layer_groups, dict) or not all(_valid_group_setting(g) for g in layer_groups.values()):
         raise UsageError(f"assignment file {path}: 'layer_groups' must map group layers to a group count >= 1 "

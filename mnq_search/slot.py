@@ -63,9 +63,9 @@ def groups_key(layer: str) -> str:
     return layer + GROUPS_SUFFIX
 
 
-def split_layer_keys(assignment) -> tuple[dict, dict[str, int], dict[str, int | str]]:
-    """(the assignment without layer keys, layer -> bit-width of its ``<layer>@bits`` keys,
-    layer -> group setting of its ``<layer>@groups`` keys)."""
+def split_layer_keys(assignment) -> tuple[dict, dict[str, int | str], dict[str, int | str]]:
+    """(the assignment without layer keys, layer -> bits of its ``<layer>@bits`` keys (``b`` or
+    ``"wXaY"``: :func:`layer_bit_pairs` reads them), layer -> group setting of its ``<layer>@groups`` keys)."""
     rest, bits, groups = {}, {}, {}
     for k, v in assignment.items():
         if k.endswith(BITS_SUFFIX):
@@ -75,6 +75,22 @@ def split_layer_keys(assignment) -> tuple[dict, dict[str, int], dict[str, int | 
         else:
             rest[k] = v
     return rest, bits, groups
+
+
+def layer_bit_pairs(bits) -> dict[str, tuple[int, int]]:
+    """``{layer: (weight bits, activation bits)}`` of ``<layer>@bits`` values (``6`` or ``"w4a8"``); a
+    one-line UsageError for a value that is neither."""
+    from .budget import LAYER_BITS, bits_pair
+    from .errors import UsageError
+
+    out = {}
+    for layer, value in bits.items():
+        pair = bits_pair(value)
+        if pair is None:
+            raise UsageError(f"bits of {layer}: expected a bit-width in {LAYER_BITS[0]}..{LAYER_BITS[1]} or 'wXaY', "
+                             f"got {value!r}")
+        out[layer] = pair
+    return out
 
 
 def split_param_key(key: str) -> tuple[str, str, str] | None:

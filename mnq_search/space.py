@@ -142,20 +142,25 @@ register_kind(_ParamKind())
 
 
 class _BitsKind(VariableKind):
-    """The bit-width of each weight layer, weights and inputs together (Mix-QViT), named
-    ``<layer>@bits``; choices: the ``bits`` option (default 4, 5, 6, 8) and the layer's current
-    bit-width, its default. Only in spaces that ask for it (``--joint-bits``)."""
+    """The bit-widths of each weight layer (Mix-QViT), named ``<layer>@bits``; choices: the ``bits``
+    option (bit-widths for weights and inputs together, default 4, 5, 6, 8, or (weight, input) pairs,
+    whose values are ``"wXaY"`` when they differ: :func:`mnq_search.budget.bits_value`) and the
+    layer's current bits, its default. Only in spaces that ask for it (``--joint-bits``)."""
 
     name = "bits"
     file_key = "layer_bits"
 
     def variables(self, qmodel, families=None, bits=(4, 5, 6, 8), **options):
+        from .budget import bits_value
         from .mixprec import layer_bits
         from .slot import bits_key
 
+        pairs = {tuple(b) if isinstance(b, (tuple, list)) else (b, b) for b in bits}
         out = []
-        for layer, (_, a) in layer_bits(qmodel).items():
-            out.append(Variable(bits_key(layer), "bits", tuple(sorted(set(bits) | {a})), a, "bits"))
+        for layer, current in layer_bits(qmodel).items():
+            choices = sorted(pairs | {tuple(current)})
+            out.append(Variable(bits_key(layer), "bits", tuple(bits_value(*p) for p in choices),
+                                bits_value(*current), "bits"))
         return out
 
     def apply(self, qmodel, values):

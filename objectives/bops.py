@@ -48,12 +48,12 @@ class BopsObjective(Objective):
 
     def evaluate(self, assignment: Mapping[str, Any], ctx: Any = None, trial: Any = None) -> float:
         from mnq_search.mixprec import total_bops
-        from mnq_search.slot import split_layer_keys
+        from mnq_search.slot import layer_bit_pairs, split_layer_keys
 
         if self.macs is None:
             self.setup(ctx)
         _, key_bits, key_groups = split_layer_keys(assignment)
-        bits = {**self.base, **{layer: (b, b) for layer, b in key_bits.items()}}
+        bits = {**self.base, **layer_bit_pairs(key_bits)}
         return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits)) / 1e9
 
     def group_overhead(self, groups: Mapping[str, int | str], bits: Mapping[str, tuple[int, int]] | None = None) -> int:

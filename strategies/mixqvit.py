@@ -41,9 +41,9 @@ class MixQViTStrategy(_ValidationStrategy):
             raise UsageError(f"unknown argument of strategy mixqvit {arg!r}; choose from: mixqvit, mixqvit:sequential")
 
     def select(self, ctx: RunContext) -> dict[str, str]:
+        from mnq_search.budget import bits_value
         from mnq_search.mixprec import (allocate, bit_sensitivity, bits_summary, hessian_importance, layer_relevance,
                                         set_layer_bits)
-
         from mnq_search.slot import bits_key
 
         st = ctx.settings
@@ -72,12 +72,12 @@ class MixQViTStrategy(_ValidationStrategy):
             ev2 = evaluator_for(ctx)
             assignment, kl, family = self.best_uniform(ev2, ctx)
             methods = {"strategy": f"uniform:{family}", "kl": kl}
-        self.info = {"budget": st.budget, "budget_bops": budget, "search_bits": [b for b, _ in st.search_bits],
+        self.info = {"budget": st.budget, "budget_bops": budget, "search_bits": [bits_value(w, a) for w, a in st.search_bits],
                      "importance": st.importance, "layer_importance": importance, "baseline_family": family if self.arg != "sequential" else None,
                      "kl_baseline_bits": kl0, "allocation_objective": alloc.objective, "allocation_s": round(t_alloc, 1),
                      "methods": methods, "bits": bits_summary(ctx.qmodel),
                      "sensitivity": {n: {f"w{w}a{a}": v for (w, a), v in row.items()} for n, row in sens.items()},
                      "seconds": round(time.perf_counter() - t, 1)}
         # the allocation goes into the assignment (``<layer>@bits``), so that the assignment file holds
-        # it and ``eval`` reproduces the run; weights and inputs share one bit-width per layer here
-        return {**assignment, **{bits_key(n): int(w) for n, (w, _) in alloc.choice.items()}}
+        # it and ``eval`` reproduces the run (``b``, or ``"wXaY"`` for pairs with separate input bits)
+        return {**assignment, **{bits_key(n): bits_value(w, a) for n, (w, a) in alloc.choice.items()}}

@@ -87,6 +87,22 @@ def test_run_with_allocated_groups_records_them_within_budget(ckpt, tmp_path, ca
     assert str(out / "assignment.json") in json.dumps(trials["warm_starts"])
 
 
+def test_mixqvit_with_separate_input_bits_and_eval(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "mixqvit", "--budget", "w6a6", "--search-bits", "w4a8,w8a4",
+                            "--val-size", "20", "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    layers = {n: tuple(v) for n, v in result["search"]["bits"]["layers"].items()}
+    assert set(layers.values()) <= {(4, 8), (8, 4), (8, 8)} and {(4, 8), (8, 4)} & set(layers.values())
+    assert result["search"]["bits"]["bops_per_image"] <= result["search"]["budget_bops"]
+    saved = json.loads((out / "assignment.json").read_text())["layer_bits"]
+    assert saved == {n: w if w == a else f"w{w}a{a}" for n, (w, a) in layers.items()}
+    code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval applied both bit-widths of every layer
+
+
 @pytest.mark.parametrize("importance", ["none", "hessian"])
 def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys, importance):
     out = tmp_path / "run"

@@ -336,8 +336,9 @@ def test_bits_heat_map_and_oscillation_plots(tmp_path):
 
     layer_bits = {f"blocks.{i}.{k}": b for i in range(3) for k, b in
                   (("attn.qkv", 8), ("attn.proj", 6), ("mlp.fc1", 5), ("mlp.fc2", 4))}
-    layer_bits.update({"patch_embed.proj": 8, "head": 8})
+    layer_bits.update({"patch_embed.proj": 8, "head": "w8a6", "blocks.2.mlp.fc2": "w4a8"})
     rows, cols, grid = bits_grid(layer_bits)
+    assert bits_grid(layer_bits, part=1)[2][2, 3] == 8 and grid[2, 3] == 4  # "wXaY": weights, then inputs
     assert rows == ["blocks.0", "blocks.1", "blocks.2", "other"]
     assert cols[:4] == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"] and grid[1, 3] == 4 and grid[3, 4] == 8
     assert int(torch.isnan(torch.from_numpy(grid)).sum()) == 4 + 2 * 3  # the other row and the block rows' gaps
@@ -360,5 +361,5 @@ def test_bits_heat_map_and_oscillation_plots(tmp_path):
             im.verify()
         assert p.stat().st_size > 5_000
     page = rep.index.read_text()
-    assert "Bits per layer, mixqvit" in page and "4 bits: 3, 5 bits: 3, 6 bits: 3, 8 bits: 5" in page
+    assert "Bits per layer, mixqvit" in page and "4 bits: 2, 5 bits: 3, 6 bits: 3, 8 bits: 4, w4a8 bits: 1, w8a6 bits: 1" in page
     assert "Oscillation rate, vvtq" in page

@@ -49,7 +49,7 @@ def open_run(settings: RunSettings, training: bool = False, validation: int = 0)
         apply_caps(qmodel, caps)
     return RunContext(settings=settings, slot_ops=qmodel.slot_ops(), model=model, qmodel=qmodel, data=data,
                       device=device, info=info, space=SearchSpace.from_model(qmodel, kinds=_kinds(settings), families=settings.families,
-                                                   bits=tuple(b for b, _ in settings.search_bits),
+                                                   bits=settings.search_bits,
                                                    groups=settings.search_groups))
 
 

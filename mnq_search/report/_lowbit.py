@@ -19,21 +19,27 @@ from ._style import new_figure
 _SPLIT = re.compile(r"^(?P<row>.+?)\.(?P<col>(?:attn|mlp)\..+)$")  # "blocks.3" + "attn.qkv"
 
 
-def bits_grid(layer_bits: Mapping[str, int]) -> tuple[list[str], list[str], np.ndarray]:
+def bits_grid(layer_bits: Mapping[str, int | str], part: int = 0) -> tuple[list[str], list[str], np.ndarray]:
     """(rows, columns, bits) of a heat map: one row per block (``blocks.3``, ``layers.1.blocks.0``) and
     one column per layer kind in the block (``attn.qkv``, ``mlp.fc1``); layers outside blocks (patch
-    embedding, head) share a last row ``other``. Cells without a layer are NaN."""
+    embedding, head) share a last row ``other``. Cells without a layer are NaN. Values are ``b`` or
+    ``"wXaY"``; ``part`` 0 maps the weight bits, 1 the input bits."""
+    from ..budget import bits_pair
+
     rows: list[str] = []
     cols: list[str] = []
     cells: dict[tuple[str, str], int] = {}
-    for name, bits in layer_bits.items():
+    for name, value in layer_bits.items():
         m = _SPLIT.match(name)
         row, col = (m["row"], m["col"]) if m else ("other", name)
         if row not in rows:
             rows.append(row)
         if col not in cols:
             cols.append(col)
-        cells[row, col] = int(bits)
+        pair = bits_pair(value)
+        if pair is None:
+            raise ValueError(f"layer_bits of {name}: {value!r} is not a bit-width or 'wXaY'")
+        cells[row, col] = pair[part]
     if "other" in rows:  # outside the blocks: last
         rows.remove("other")
         rows.append("other")
@@ -43,9 +49,11 @@ def bits_grid(layer_bits: Mapping[str, int]) -> tuple[list[str], list[str], np.n
     return rows, cols, grid
 
 
-def plot_bits_heatmap(layer_bits: Mapping[str, int], title: str) -> Figure:
-    """Each weight layer's bit-width (weights and inputs) as a heat map with the values written in."""
+def plot_bits_heatmap(layer_bits: Mapping[str, int | str], title: str) -> Figure:
+    """Each weight layer's bit-width as a heat map with the values written in: the colour is the weight
+    bits, the text ``b`` (weights and inputs) or ``w/a`` where the input bits differ."""
     rows, cols, grid = bits_grid(layer_bits)
+    agrid = bits_grid(layer_bits, part=1)[2]
     fig = new_figure(1.6 + 1.0 * len(cols), 1.2 + 0.3 * len(rows))
     ax = fig.add_subplot()
     lo, hi = np.nanmin(grid), np.nanmax(grid)
@@ -53,12 +61,13 @@ def plot_bits_heatmap(layer_bits: Mapping[str, int], title: str) -> Figure:
     for i in range(len(rows)):
         for j in range(len(cols)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", fontsize=7,
+                w, a = int(grid[i, j]), int(agrid[i, j])
+                ax.text(j, i, f"{w}" if w == a else f"{w}/{a}", ha="center", va="center", fontsize=7,
                         color="white" if grid[i, j] < (lo + hi) / 2 else "black")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, ticks=range(int(lo), int(hi) + 1), label="bits")
+    fig.colorbar(im, ax=ax, ticks=range(int(lo), int(hi) + 1), label="weight bits (text: w/a where inputs differ)")
     return fig
 
 

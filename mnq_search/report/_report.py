@@ -263,7 +263,7 @@ def _layer_bits(ctx: _Context) -> Section:
         bits = (f.assignment or {}).get("layer_bits")
         if isinstance(bits, dict) and bits:
             path = save_png(plot_bits_heatmap(bits, f"{f.label}: {f.strategy}"), ctx.png("bits", f.label))
-            hist = {b: list(bits.values()).count(b) for b in sorted(set(bits.values()))}
+            hist = {b: list(bits.values()).count(b) for b in sorted(set(bits.values()), key=str)}
             section.plots.append(Plot(path, f"Bits per layer, {f.label}",
                                       "Layers per bit-width: " + ", ".join(f"{b} bits: {n}" for b, n in hist.items()) + "."))
     if not section.plots:

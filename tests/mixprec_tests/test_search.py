@@ -117,3 +117,35 @@ def test_bit_widths_as_assignment_keys_and_search_variables(tmp_path):
     obj.macs, obj.base = layer_macs(q), {n: (8, 8) for n in layer_macs(q)}
     want = sum(m * (16 if n == "blocks.0.mlp.fc1" else 36 if n == "head" else 64) for n, m in obj.macs.items())
     assert obj.evaluate(a) == pytest.approx(want / 1e9)
+
+
+def test_separate_input_bits_as_values_variables_and_files(tmp_path):
+    from mnq_search.budget import bits_pair, bits_value, parse_search_bits
+    from mnq_search.plan import load_assignment, save_assignment
+    from mnq_search.space import SearchSpace
+    from objectives.bops import BopsObjective
+
+    assert parse_search_bits("6,w4a8,4") == ((4, 4), (4, 8), (6, 6))
+    assert parse_search_bits("W4A8, 4") == ((4, 4), (4, 8))
+    for bad in ("1,8", "w4a9", "w4", "x", "4,,6"):
+        with pytest.raises(UsageError, match="--search-bits"):
+            parse_search_bits(bad)
+    assert [bits_value(*p) for p in ((4, 4), (4, 8))] == [4, "w4a8"]
+    assert bits_pair("w4a8") == (4, 8) and bits_pair(6) == (6, 6) and bits_pair("6") == (6, 6)
+    assert bits_pair(True) is None and bits_pair("w1a8") is None and bits_pair(9) is None
+
+    _, q = _tiny()
+    space = SearchSpace.from_model(q, kinds=("method", "bits"), bits=((4, 8), (6, 6)))
+    assert all(v.choices == ("w4a8", 6, 8) and v.default == 8 for v in space.variables("bits"))
+    a = dict(q.get_assignment(), **{"blocks.0.mlp.fc1@bits": "w4a8", "head@bits": 6})
+    q.set_assignment(a)
+    assert layer_bits(q)["blocks.0.mlp.fc1"] == (4, 8) and q.model.blocks[0].mlp.fc1.q_in.bits == 8
+    with pytest.raises(UsageError, match="wXaY"):
+        q.set_assignment({"blocks.0.mlp.fc1@bits": "w4b8"})
+    save_assignment(tmp_path / "a.json", a, model="tiny")
+    again, _ = load_assignment(tmp_path / "a.json", q.slot_ops())
+    assert again == a
+    obj = BopsObjective()
+    obj.macs, obj.base = layer_macs(q), {n: (8, 8) for n in layer_macs(q)}
+    want = sum(m * (32 if n == "blocks.0.mlp.fc1" else 36 if n == "head" else 64) for n, m in obj.macs.items())
+    assert obj.evaluate(a) == pytest.approx(want / 1e9)
