@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--importance", default="none", choices=("none", "lrp", "hessian"),
                    help="layer importance that weighs the sensitivity: none, LRP relevance, or HAWQ Hessian "
                         "trace (default: none)")
+    g.add_argument("--bit-sensitivity-cache", default=None, metavar="FILE",
+                   help="mixqvit: read the per-layer bit sensitivity from FILE when it was measured for the same "
+                        "settings, else measure it and write FILE (share it across budgets and importances)")
     g.add_argument("--joint-bits", action="store_true",
                    help="optuna/random: search a bit-width per weight layer (from --search-bits) with the methods; "
                         "with --objective proxy,bops --sampler nsga2, an accuracy x BOPs Pareto front")
@@ -343,6 +346,8 @@ def _cmd_run(args) -> int:
         check_storage(args.storage)
     if args.sensitivity_cache:
         check_output_file(args.sensitivity_cache, "--sensitivity-cache")
+    if args.bit_sensitivity_cache:
+        check_output_file(args.bit_sensitivity_cache, "--bit-sensitivity-cache")
     if args.checkpoint:
         check_checkpoint(args.checkpoint)
     check_data_spec(args.data, getattr(args, "download", False))
@@ -355,6 +360,7 @@ def _cmd_run(args) -> int:
                          sensitivity=args.sensitivity, qat_epochs=args.qat_epochs,
                          sensitivity_cache=args.sensitivity_cache, search=search, groups=args.groups,
                          budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance,
+                         bit_sensitivity_cache=args.bit_sensitivity_cache,
                          joint_bits=args.joint_bits, joint_groups=args.joint_groups,
                          search_groups=_search_groups(args.search_groups), qat=_run_qat_config(args))
     preflight_run(settings)

@@ -72,6 +72,7 @@ class RunSettings:
     budget: str | None = None  # mixqvit: BOPs budget, "w6a6" or a count like "1.2G"
     search_bits: tuple = ((4, 4), (5, 5), (6, 6), (8, 8))  # mixqvit, --joint-bits: candidate (weight, activation) bits
     importance: str = "none"  # mixqvit: layer importance, one of IMPORTANCES
+    bit_sensitivity_cache: str | None = None  # mixqvit: the bit-sensitivity table, read if it exists, else written
     joint_bits: bool = False  # a bit-width per weight layer in the search space (optuna, random)
     joint_groups: bool = False  # a group count per group layer in the search space (optuna, random)
     search_groups: tuple = (1, 2, 4, 8, 16)  # --joint-groups: candidate group counts (mnq_search.groups.CANDIDATES)
@@ -140,6 +141,8 @@ class RunSettings:
             raise UsageError(f"--budget {self.budget}: a group budget (gG) needs --joint-groups")
         if is_mixqvit and self.budget is None:
             raise UsageError("--strategy mixqvit needs --budget (e.g. w6a6)")
+        if self.bit_sensitivity_cache and not is_mixqvit:
+            raise UsageError("--bit-sensitivity-cache applies only to --strategy mixqvit")
         if self.importance not in IMPORTANCES:
             raise UsageError(f"--importance: choose from {', '.join(IMPORTANCES)} (got {self.importance!r})")
         for flag, on in (("--joint-bits", self.joint_bits), ("--joint-groups", self.joint_groups)):

@@ -103,6 +103,23 @@ def test_mixqvit_with_separate_input_bits_and_eval(ckpt, tmp_path, capsys):
     assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval applied both bit-widths of every layer
 
 
+def test_mixqvit_bit_sensitivity_cache_is_shared_and_checked(ckpt, tmp_path, capsys):
+    cache = tmp_path / "bits.json"
+    common = ["run", "--strategy", "mixqvit", "--search-bits", "4,8", "--val-size", "20", "--checkpoint", ckpt,
+              "--bit-sensitivity-cache", cache, *FAST]
+    assert run_cli([*common, "--budget", "w6a6", "--out", tmp_path / "a"], capsys)[0] == 0
+    measured = json.loads(cache.read_text())
+    assert measured["key"]["search_bits"] == ["w4a4", "w8a8"] and len(measured["sensitivity"]) == 12 * 4 + 2
+    cache.write_text(json.dumps({**measured, "kl0": 123.0}))  # a marker: the next run reads, not measures
+    assert run_cli([*common, "--budget", "w5a5", "--importance", "lrp", "--out", tmp_path / "b"], capsys)[0] == 0
+    s = json.loads((tmp_path / "b" / "result.json").read_text())["search"]
+    assert s["kl_baseline_bits"] == 123.0 and s["sensitivity"] == measured["sensitivity"]
+    code, _, err = run_cli(["run", "--strategy", "mixqvit", "--search-bits", "4,6", "--val-size", "20", "--checkpoint",
+                            ckpt, "--bit-sensitivity-cache", cache, *FAST, "--budget", "w6a6", "--out", tmp_path / "c"],
+                           capsys)
+    assert code == 2 and "measured for other settings" in err
+
+
 @pytest.mark.parametrize("importance", ["none", "hessian"])
 def test_mixqvit_allocates_bits_within_the_budget(ckpt, tmp_path, capsys, importance):
     out = tmp_path / "run"
@@ -329,6 +346,8 @@ def _bad_cases(tmp_path, ckpt):
                                            "leave --groups at 1"),
         "group budget without joint groups": (["run", "--strategy", "optuna", "--objective", "proxy,bops", "--joint-bits",
                                                "--budget", "w6a6g8", *c], "needs --joint-groups"),
+        "bit sensitivity cache without mixqvit": (["run", "--bit-sensitivity-cache", str(tmp_path / "b.json"), *c],
+                                                  "--bit-sensitivity-cache applies only"),
         "missing warm start file": (["run", "--strategy", "optuna", "--warm-start", str(tmp_path / "none.json"), *c],
                                     "--warm-start"),
         "bad search groups": (["run", "--strategy", "random", "--joint-groups", "--search-groups", "1,x", *c],
