@@ -12,6 +12,9 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
   6, 8} at W4A4, where {4, 5, 6, 8} admits only the all-4 point) allocated by the sensitivity ILP under the budget (sensitivities relative to b bits), then the
   best uniform family on the allocated model;
 - ``mixqvit:sequential``: the same allocation, then the ``sequential`` method search;
+- with ``--importances none,lrp,hessian``, the ``mixqvit`` row once per layer importance (the
+  sensitivity table measured once per budget and shared through ``--bit-sensitivity-cache``; an
+  existing ``none`` cell seeds it), each against the same uniform row;
 - with ``--post-ln``, also the uniform row with clipped channel-wise post-LayerNorm inputs folded
   into the LayerNorm and the next linear (``--post-ln channel``, :mod:`mnq_search.reparam`); same cost.
 
@@ -70,6 +73,21 @@ def candidate_bits(base: list[int], budget_bits: int) -> list[int]:
     return sorted(set(base) | ({below} if below >= 2 and below < min(base) else set()))
 
 
+def seed_cache(cache: Path, none_cell: Path, common: dict, bits: int, search_bits: tuple) -> None:
+    """Write the bit-sensitivity cache of a budget from its finished ``none`` cell (the same table the
+    lrp and hessian cells would measure again), keyed as mixqvit keys it."""
+    from strategies.mixqvit import sensitivity_key
+
+    if cache.is_file() or not (none_cell / "search.json").is_file():
+        return
+    s = json.loads((none_cell / "search.json").read_text())
+    family = s.get("sensitivity_family") or best_uniform_family(bits, common["val_size"], cache.parent)
+    ctx = open_run(RunSettings(strategy="mixqvit", bits=bits, budget=f"w{bits}a{bits}", search_bits=search_bits,
+                               progress=False, **common))
+    atomic_write_text(cache, json.dumps({"key": sensitivity_key(ctx, family), "kl0": s["kl_baseline_bits"],
+                                         "sensitivity": s["sensitivity"]}))
+
+
 def cell(work: Path, name: str, progress: bool, **settings) -> dict:
     out = work / name
     if not (out / "result.json").is_file():
@@ -92,6 +110,8 @@ def main() -> None:
                          "(default: 4,5,6,8)")
     ap.add_argument("--post-ln", action="store_true",
                     help="also the uniform row with clipped channel-wise post-LayerNorm inputs (--post-ln channel)")
+    ap.add_argument("--importances", default="none",
+                    help="layer importances of the mixqvit row: none, lrp, hessian, comma-separated (default: none)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     try:
@@ -119,12 +139,20 @@ def main() -> None:
             rows.append(c)
         cands = candidate_bits(base_bits, b)
         tag = "b" + "".join(map(str, cands))
+        search_bits = tuple((x, x) for x in cands)
+        cache = work / f"bit-sensitivity-w{b}a{b}-{tag}.json"
         for strategy in args.strategies.split(","):
-            c = cell(work, f"w{b}a{b}-{strategy.replace(':', '-')}-{tag}", not args.quiet, strategy=strategy, bits=b,
-                     budget=f"w{b}a{b}", search_bits=tuple((x, x) for x in cands), **common)
-            c["label"], c["budget"], c["candidates"] = strategy, f"w{b}a{b}", ",".join(map(str, cands))
-            c["cmp"] = paired_comparison(c["correct"], base["correct"])
-            rows.append(c)
+            for imp in ([i for i in args.importances.split(",")] if strategy == "mixqvit" else ["none"]):
+                name = f"w{b}a{b}-{strategy.replace(':', '-')}{'' if imp == 'none' else '-' + imp}-{tag}"
+                if imp != "none":
+                    seed_cache(cache, work / f"w{b}a{b}-mixqvit-{tag}", common, b, search_bits)
+                c = cell(work, name, not args.quiet, strategy=strategy, bits=b, budget=f"w{b}a{b}",
+                         search_bits=search_bits, importance=imp,
+                         bit_sensitivity_cache=str(cache) if imp != "none" else None, **common)
+                c["label"] = strategy if imp == "none" else f"{strategy} (importance {imp})"
+                c["budget"], c["candidates"] = f"w{b}a{b}", ",".join(map(str, cands))
+                c["cmp"] = paired_comparison(c["correct"], base["correct"])
+                rows.append(c)
         print(", ".join(f"{r['label']} {r['top1_quant']:.2f}" for r in rows if r["budget"] == f"w{b}a{b}"), flush=True)
     holm_adjust([r["cmp"] for r in rows if "cmp" in r])
     _write(rows, args)
@@ -139,6 +167,7 @@ def _write(rows, args) -> None:
     lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
              f"python benchmarks/mixed_precision.py --budgets {args.budgets} --search-bits {args.search_bits} "
              f"{'--post-ln ' if args.post_ln else ''}"
+             f"{f'--importances {args.importances} ' if args.importances != 'none' else ''}"
              f"--val-size {args.val_size} -->", "",
              "Default model (fmnist-deit-tiny), non-linear slots at the budget's bits in every row; selection on "
              f"{args.val_size} validation images, top-1 on all 10,000 test images; Δ against the uniform row of the "

@@ -90,6 +90,7 @@ class MixQViTStrategy(_ValidationStrategy):
         t = time.perf_counter()
         ev = evaluator_for(ctx)
         start, kl_start, family = self.best_uniform(ev, ctx)
+        sens_family = family
         sens, kl0 = cached_bit_sensitivity(st.bit_sensitivity_cache, sensitivity_key(ctx, family),
                                            lambda: bit_sensitivity(ev, start, st.search_bits, progress=st.progress))
         importance = None
@@ -113,7 +114,7 @@ class MixQViTStrategy(_ValidationStrategy):
             methods = {"strategy": f"uniform:{family}", "kl": kl}
         self.info = {"budget": st.budget, "budget_bops": budget, "search_bits": [bits_value(w, a) for w, a in st.search_bits],
                      "importance": st.importance, "layer_importance": importance,
-                     "bit_sensitivity_cache": st.bit_sensitivity_cache, "baseline_family": family if self.arg != "sequential" else None,
+                     "bit_sensitivity_cache": st.bit_sensitivity_cache, "sensitivity_family": sens_family, "baseline_family": family if self.arg != "sequential" else None,
                      "kl_baseline_bits": kl0, "allocation_objective": alloc.objective, "allocation_s": round(t_alloc, 1),
                      "methods": methods, "bits": bits_summary(ctx.qmodel),
                      "sensitivity": {n: {f"w{w}a{a}": v for (w, a), v in row.items()} for n, row in sens.items()},
