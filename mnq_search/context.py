@@ -154,7 +154,11 @@ class RunSettings:
         if not counts or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in counts):
             raise UsageError(f"--search-groups: group counts must be integers >= 1, got {self.search_groups!r}")
         self.search_groups = tuple(sorted(set(counts)))
-        pairs = tuple(tuple(p) for p in self.search_bits)
+        from .budget import bits_pair, parse_search_bits
+
+        if isinstance(self.search_bits, str):  # "4,6,8" or "w4a8,w6a6" (study specs, scripts)
+            self.search_bits = parse_search_bits(self.search_bits)
+        pairs = tuple(tuple(p) if isinstance(p, (tuple, list)) else (bits_pair(p) or (p, p)) for p in self.search_bits)
         if not pairs or any(len(p) != 2 or not all(valid_layer_bits(b) for b in p) for p in pairs):
             raise UsageError(f"--search-bits: bit-widths must be in {LAYER_BITS[0]}..{LAYER_BITS[1]}, got {self.search_bits!r}")
         self.search_bits = tuple(sorted(set(pairs)))

@@ -116,10 +116,17 @@ class IncrementalEvaluator:
         from .slot import layer_bit_pairs, split_layer_keys
 
         assignment, key_bits, key_groups = split_layer_keys(assignment)
-        if key_bits:
-            bits = {**(bits or {}), **layer_bit_pairs(key_bits)}
+        if key_bits:  # the explicit arguments win over the assignment's own keys
+            bits = {**layer_bit_pairs(key_bits), **(bits or {})}
         if key_groups:
-            groups = {**(groups or {}), **key_groups}
+            groups = {**key_groups, **(groups or {})}
+        try:
+            return self._score(assignment, groups, bits)
+        except BaseException:  # a failed score (a bad value, an integer overflow in a kernel): the cached
+            self.current = None  # activations may not match the model any more, so the next score starts over
+            raise
+
+    def _score(self, assignment: dict, groups, bits) -> float:
         changed_bits = [n for n, b in (bits or {}).items() if self.current_bits.get(n) != tuple(b)]
         for n in changed_bits:
             if n not in self.bits_layers:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .budget import LAYER_BITS, bits_pair
+from .budget import LAYER_BITS, bits_pair, bits_value
 from .errors import UsageError
 from .io import atomic_write_json, read_json
 from .methods import OPS
@@ -134,7 +134,8 @@ def load_assignment(path: str | Path, slot_ops: Mapping[str, str]) -> tuple[dict
     if not isinstance(layer_groups, dict) or not all(_valid_group_setting(g) for g in layer_groups.values()):
         raise UsageError(f"assignment file {path}: 'layer_groups' must map group layers to a group count >= 1 "
                          "or 'channel'")
-    return {**{n: resolved[n] for n in slot_ops}, **params, **{bits_key(k): v for k, v in layer_bits.items()},
+    return {**{n: resolved[n] for n in slot_ops}, **params,
+            **{bits_key(k): bits_value(*bits_pair(v)) for k, v in layer_bits.items()},
             **{groups_key(k): v for k, v in layer_groups.items()}}, meta
 
 

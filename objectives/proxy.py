@@ -7,7 +7,8 @@ calibration images the ranges were fitted on).
 
 Both calibrate a copy of the model with the assignment on the run's calibration images (as the
 pipeline does for the final model) and compare on the validation images. The copy is an
-:class:`~mnq_search.incremental.IncrementalEvaluator` (one per thread of an ``n_jobs`` study): a trial
+:class:`~mnq_search.incremental.IncrementalEvaluator` (with one thread per worker; ``n_jobs`` > 1
+calibrates a fresh copy per trial, as the evaluator's cached activations would multiply): a trial
 recalibrates and recomputes only from the first block its assignment changes against the thread's
 previous trial, on cached activations, with the same logits as a fresh calibration.
 """
@@ -54,9 +55,14 @@ class _LogitsObjective(Objective):
         return self.worst if math.isnan(value) else value
 
     def quant_logits(self, assignment: Mapping[str, str], ctx: Any) -> list[torch.Tensor]:
-        """The validation logits of the model calibrated with ``assignment`` (incrementally)."""
+        """The validation logits of the model calibrated with ``assignment`` (incrementally; with
+        several threads per worker, a fresh copy per trial: each evaluator holds every block's
+        activations of the calibration and validation images)."""
         from mnq_search.incremental import evaluator_for
 
+        search = getattr(ctx.settings, "search", None)
+        if search is not None and search.n_jobs > 1:
+            return _logits(self.calibrated(assignment, ctx), ctx)
         ev = getattr(self._local, "evaluator", None)
         if ev is None:
             ev = self._local.evaluator = evaluator_for(ctx)

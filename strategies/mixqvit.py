@@ -35,8 +35,9 @@ def sensitivity_key(ctx: RunContext, family: str) -> dict:
     """What a bit-sensitivity table depends on: the model, its bits, the calibration and validation
     images, the methods it was measured with and the candidates."""
     st = ctx.settings
-    return {"model": ctx.info.name, "checkpoint": ctx.info.checkpoint, "bits": st.bits, "nl_bits": st.nl_bits or st.bits,
-            "fine_grid": bool(st.fine_grid), "post_ln": st.post_ln, "calib_size": st.calib_size,
+    return {"model": ctx.info.name, "checkpoint": ctx.info.checkpoint, "num_classes": st.num_classes,
+            "data": str(st.data), "bits": st.bits, "nl_bits": st.nl_bits or st.bits, "fine_grid": bool(st.fine_grid),
+            "post_ln": st.post_ln, "groups": st.groups, "calib_size": st.calib_size, "batch_size": st.batch_size,
             "val_size": st.val_size, "seed": st.seed, "family": family,
             "search_bits": [f"w{w}a{a}" for w, a in st.search_bits]}
 

@@ -53,8 +53,9 @@ def default_warm_starts() -> list[str]:
 
 def warm_starts(ctx: RunContext, names: list[str] | tuple[str, ...] | None) -> list[tuple[dict, list[str]]]:
     """The assignments of the strategies or assignment files ``names`` (None: :func:`default_warm_starts`),
-    identical ones merged: a list of (assignment, names). A file's values outside the search space
-    (a bit-width or group count the run does not search) are left to the space's defaults."""
+    identical ones merged: a list of (assignment, names). A strategy whose methods the run does not
+    offer is skipped; a file's keys the space does not search are left out (its bit-widths without
+    ``--joint-bits``), and a value outside a searched variable's choices is a one-line error."""
     from mnq_search.plan import load_assignment
     from mnq_search.search import is_assignment_file
 
@@ -63,6 +64,10 @@ def warm_starts(ctx: RunContext, names: list[str] | tuple[str, ...] | None) -> l
     for name in default_warm_starts() if names is None else names:
         if is_assignment_file(name):
             given = {k: v for k, v in load_assignment(name, ctx.slot_ops)[0].items() if k in space}
+            bad = next((k for k, v in given.items() if v not in space[k].choices), None)
+            if bad is not None:
+                raise UsageError(f"--warm-start {name}: {given[bad]!r} is not a choice of {bad!r} in this search "
+                                 f"(choose from: {', '.join(map(str, space[bad].choices))})")
             assignment = space.complete(given)
         else:
             assignment = space.complete(get_strategy(name).select(ctx))
@@ -196,7 +201,8 @@ class OptunaStrategy(Strategy):
             name=opts.study or f"{'+'.join(opts.objectives)}-{ctx.bits}bit",
             directions=[o.direction for o in objectives], metric_names=metrics,
             meta={"objectives": list(opts.objectives), "bits": ctx.bits, "nl_bits": ctx.nl_bits,
-                  "fine_grid": bool(st.fine_grid), "slot_ops": dict(ctx.slot_ops),
+                  "fine_grid": bool(st.fine_grid), "slot_ops": dict(ctx.slot_ops), "budget": st.budget,
+                  "space": {v.name: list(v.choices) for v in ctx.search_space},
                   "model": st.model, "sampler": opts.sampler, "seed": ctx.seed},
             warm_starts=[(a, {"warm_start": "+".join(names)})
                          for a, names in warm_starts(ctx, opts.warm_start)[: opts.n_trials]])

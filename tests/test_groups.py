@@ -346,3 +346,21 @@ def test_bops_objective_counts_group_overhead_and_group_budgets():
     assert obj.budget("w6a6") == pytest.approx(uniform6 / 1e9)
     with pytest.raises(UsageError):
         parse_budget_spec("w6a6g0")
+
+
+def test_a_failed_score_does_not_leave_stale_activations():
+    from mnq_search.slot import bits_key, groups_key
+
+    model, q, shape = _tiny()
+    gen = torch.Generator().manual_seed(10)
+    calib = [torch.randn(8, *shape, generator=gen)]
+    val = [torch.randn(8, *shape, generator=gen)]
+    a = q.get_assignment()
+    ev = IncrementalEvaluator(q, model, calib, val)
+    ev.score(a)
+    with pytest.raises(UsageError):  # the bit-width is set, then the group count fails
+        ev.score({**a, bits_key("blocks.0.attn.qkv"): 4, groups_key("blocks.0.mlp.fc1"): 1000})
+    later = {**a, bits_key("blocks.0.attn.qkv"): 4, groups_key("blocks.1.mlp.fc2"): 4}
+    kl = ev.score(later)
+    kl_fresh, _ = fresh_kl(q, model, calib, val[0], lambda m: m.set_assignment(later))
+    assert kl == pytest.approx(kl_fresh, rel=1e-9, abs=1e-12)

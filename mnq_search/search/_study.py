@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 READY_ATTR = "mnq_search_ready"
 META_ATTR = "mnq_search"
 READY_WAIT_S = 120.0  # how long a joining worker waits for the creator to set the study up
-META_KEYS = ("objectives", "bits", "nl_bits", "fine_grid", "slot_ops")  # what a joining worker must agree on
+META_KEYS = ("objectives", "bits", "nl_bits", "fine_grid", "slot_ops", "budget", "space")  # what a joining worker must agree on
+SINCE = {"space"}  # keys older studies do not have: checked only where the study records them
 
 
 @dataclass
@@ -75,10 +76,13 @@ def _wait_ready(study, wait_s: float) -> None:
 def _check_compatible(study, spec: StudySpec) -> None:
     theirs = study.user_attrs.get(META_ATTR, {})
     for key in META_KEYS:
+        if key in SINCE and key not in theirs:
+            continue
         if theirs.get(key) != spec.meta.get(key):
-            what = "the model's slots" if key == "slot_ops" else f"{key} {theirs.get(key)!r}"
+            what = {"slot_ops": "the model's slots", "space": "another search space (variables or their choices)"}.get(
+                key, f"{key} {theirs.get(key)!r}")
             raise UsageError(f"study {study.study_name!r} was made for {what}, not this run's "
-                             f"({spec.meta.get(key) if key != 'slot_ops' else 'other slots'}): "
+                             f"({ {'slot_ops': 'other slots', 'space': 'its own'}.get(key, spec.meta.get(key))}): "
                              "use another --study or --storage")
     directions = [d.name.lower() for d in study.directions]
     if directions != spec.directions:

@@ -314,3 +314,43 @@ def test_proxy_objectives_equal_a_fresh_calibration_trial_after_trial(base, tmp_
         with torch.inference_mode():
             quant = torch.cat([fresh(x).double() for x, _ in ctx.validation_batches(6)])
         assert got == obj.compare(ref, quant)
+
+
+def test_a_study_made_for_another_space_or_budget_is_not_joined():
+    from types import SimpleNamespace
+
+    from mnq_search.search._study import StudySpec, _check_compatible
+
+    meta = {"objectives": ["proxy"], "bits": 8, "nl_bits": 8, "fine_grid": False, "slot_ops": {"s": "gelu"},
+            "budget": None, "space": {"s": ["ibert", "ivit"], "fc1@groups": [1, 4]}}
+    study = SimpleNamespace(study_name="x", user_attrs={"mnq_search": meta},
+                            directions=[SimpleNamespace(name="MINIMIZE")])
+
+    def spec(**changes):
+        return StudySpec("x", ["minimize"], ["kl"], {**meta, **changes})
+
+    _check_compatible(study, spec())
+    with pytest.raises(UsageError, match="another search space"):
+        _check_compatible(study, spec(space={"s": ["ibert", "ivit"], "fc1@groups": [1, 8]}))
+    with pytest.raises(UsageError, match="budget"):
+        _check_compatible(study, spec(budget="w6a6"))
+    old = SimpleNamespace(study_name="x", user_attrs={"mnq_search": {k: v for k, v in meta.items() if k != "space"}},
+                          directions=study.directions)
+    _check_compatible(old, spec())  # a study from before the space was recorded: joined as before
+
+
+def test_warm_start_file_values_outside_the_space_are_an_error(base, tmp_path):
+    from mnq_search.plan import save_assignment
+    from mnq_search.space import SearchSpace
+    from strategies.optuna_joint import warm_starts
+
+    model, qmodel, *_ = base
+    ctx = make_ctx(base, tmp_path)
+    ctx.space = SearchSpace.from_model(qmodel, kinds=("method", "param", "groups"), groups=(1, 4))
+    a = uniform_assignment("ibert", qmodel.slot_ops())
+    save_assignment(tmp_path / "ok.json", {**a, "blocks.0.mlp.fc1@groups": 4, "head@bits": 6})
+    (got, names), = warm_starts(ctx, [str(tmp_path / "ok.json")])
+    assert got["blocks.0.mlp.fc1@groups"] == 4 and got["blocks.1.mlp.fc1@groups"] == 1 and "head@bits" not in got
+    save_assignment(tmp_path / "bad.json", {**a, "blocks.0.mlp.fc1@groups": 8})
+    with pytest.raises(UsageError, match="not a choice of 'blocks.0.mlp.fc1@groups'"):
+        warm_starts(ctx, [str(tmp_path / "bad.json")])
