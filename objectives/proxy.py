@@ -16,7 +16,6 @@ previous trial, on cached activations, with the same logits as a fresh calibrati
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +39,7 @@ class _LogitsObjective(Objective):
 
     def __init__(self) -> None:
         self._ref: list[torch.Tensor] | None = None
-        self._local = threading.local()  # each thread's incremental evaluator
+        self._evaluator = None  # the incremental evaluator (one thread per worker; see quant_logits)
 
     def validation_images(self, settings) -> int:
         return settings.val_size
@@ -63,9 +62,9 @@ class _LogitsObjective(Objective):
         search = getattr(ctx.settings, "search", None)
         if search is not None and search.n_jobs > 1:
             return _logits(self.calibrated(assignment, ctx), ctx)
-        ev = getattr(self._local, "evaluator", None)
-        if ev is None:
-            ev = self._local.evaluator = evaluator_for(ctx)
+        if self._evaluator is None:
+            self._evaluator = evaluator_for(ctx)
+        ev = self._evaluator
         ev.score(dict(assignment))
         return [x.double().cpu() for x in ev.logits]
 
