@@ -180,12 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--joint-bits", action="store_true",
                    help="optuna/random: search a bit-width per weight layer (from --search-bits) with the methods; "
                         "with --objective proxy,bops --sampler nsga2, an accuracy x BOPs Pareto front")
-    g.add_argument("--joint-groups", action="store_true",
-                   help="optuna/random: search an instance-aware group count per group layer (from --search-groups) "
-                        "with the methods; the bops objective counts the groups' overhead, --budget w4a4g8 is the "
-                        "BOPs of 8 groups everywhere")
-    g.add_argument("--search-groups", default="1,2,4,8,16", metavar="COUNTS",
-                   help="candidate group counts per group layer with --joint-groups (default: 1,2,4,8,16)")
+    for what, flag, default, metavar, effect in (
+            ("an instance-aware group count per group layer", "groups", "1,2,4,8,16", "COUNTS",
+             "the bops objective counts the groups' overhead, --budget w4a4g8 is the BOPs of 8 groups everywhere"),
+            ("a bit-width per Softmax and GELU slot (4..8)", "nl-bits", "6,8", "BITS",
+             "the bops objective then counts the attention products, whose probabilities take the Softmax "
+             "slot's bits")):
+        g.add_argument(f"--joint-{flag}", action="store_true",
+                       help=f"optuna/random: search {what} (from --search-{flag}) with the methods; {effect}")
+        g.add_argument(f"--search-{flag}", default=default, metavar=metavar,
+                       help=f"candidates with --joint-{flag} (default: {default})")
     _add_model_args(p)
     _add_quant_args(p)
     _add_search_args(p)
@@ -312,12 +316,13 @@ def _search_bits(text: str) -> tuple:
     return parse_search_bits(text)
 
 
-def _search_groups(text: str) -> tuple:
-    """``--search-groups`` as sorted counts, parsed without torch."""
+def _search_groups(text: str, flag: str = "--search-groups") -> tuple:
+    """``--search-groups`` (or another flag of comma-separated integers) as sorted numbers, parsed without torch."""
     try:
         return tuple(sorted({int(v) for v in text.split(",")}))
     except ValueError:
-        raise UsageError(f"--search-groups: expected comma-separated group counts like 1,2,4,8, got {text!r}") from None
+        raise UsageError(f"{flag}: expected comma-separated integers like {'1,2,4,8' if flag == '--search-groups' else '6,8'}, "
+                         f"got {text!r}") from None
 
 
 def _search_options(args):
@@ -362,7 +367,9 @@ def _cmd_run(args) -> int:
                          budget=args.budget, search_bits=_search_bits(args.search_bits), importance=args.importance,
                          bit_sensitivity_cache=args.bit_sensitivity_cache,
                          joint_bits=args.joint_bits, joint_groups=args.joint_groups,
-                         search_groups=_search_groups(args.search_groups), qat=_run_qat_config(args))
+                         search_groups=_search_groups(args.search_groups), joint_nl_bits=args.joint_nl_bits,
+                         search_nl_bits=_search_groups(args.search_nl_bits, "--search-nl-bits"),
+                         qat=_run_qat_config(args))
     preflight_run(settings)
     result = run(settings)
     _print_run_table(result)

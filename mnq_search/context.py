@@ -76,6 +76,8 @@ class RunSettings:
     joint_bits: bool = False  # a bit-width per weight layer in the search space (optuna, random)
     joint_groups: bool = False  # a group count per group layer in the search space (optuna, random)
     search_groups: tuple = (1, 2, 4, 8, 16)  # --joint-groups: candidate group counts (mnq_search.groups.CANDIDATES)
+    joint_nl_bits: bool = False  # a bit-width per Softmax and GELU slot in the search space (optuna, random)
+    search_nl_bits: tuple = (6, 8)  # --joint-nl-bits: candidate slot bit-widths
 
     def validate(self) -> "RunSettings":
         """Raise a one-line UsageError for the first bad value; returns self."""
@@ -133,10 +135,11 @@ class RunSettings:
             except UsageError as e:
                 raise UsageError(f"--budget: {e}") from None
         is_mixqvit = self.strategy.partition(":")[0] == "mixqvit"
-        bops_search = self.strategy.partition(":")[0] == "optuna" and (self.joint_bits or self.joint_groups)
+        bops_search = self.strategy.partition(":")[0] == "optuna" and (self.joint_bits or self.joint_groups
+                                                                        or self.joint_nl_bits)
         if self.budget is not None and not (is_mixqvit or bops_search):
-            raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits or --joint-groups "
-                             "(a constraint on every trial)")
+            raise UsageError("--budget applies only to --strategy mixqvit, or optuna with --joint-bits, --joint-nl-bits "
+                             "or --joint-groups (a constraint on every trial)")
         if self.budget is not None and parse_budget_spec(self.budget).groups and not self.joint_groups:
             raise UsageError(f"--budget {self.budget}: a group budget (gG) needs --joint-groups")
         if is_mixqvit and self.budget is None:
@@ -145,7 +148,8 @@ class RunSettings:
             raise UsageError("--bit-sensitivity-cache applies only to --strategy mixqvit")
         if self.importance not in IMPORTANCES:
             raise UsageError(f"--importance: choose from {', '.join(IMPORTANCES)} (got {self.importance!r})")
-        for flag, on in (("--joint-bits", self.joint_bits), ("--joint-groups", self.joint_groups)):
+        for flag, on in (("--joint-bits", self.joint_bits), ("--joint-groups", self.joint_groups),
+                         ("--joint-nl-bits", self.joint_nl_bits)):
             if on and self.strategy.partition(":")[0] not in ("optuna", "random"):
                 raise UsageError(f"{flag} applies to --strategy optuna or random (mixqvit allocates bits itself)")
         if self.joint_groups and self.groups != "1":
@@ -154,6 +158,10 @@ class RunSettings:
         if not counts or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in counts):
             raise UsageError(f"--search-groups: group counts must be integers >= 1, got {self.search_groups!r}")
         self.search_groups = tuple(sorted(set(counts)))
+        nl = tuple(self.search_nl_bits)
+        if not nl or any(isinstance(b, bool) or not isinstance(b, int) or not 4 <= b <= 8 for b in nl):
+            raise UsageError(f"--search-nl-bits: bit-widths must be integers in 4..8, got {self.search_nl_bits!r}")
+        self.search_nl_bits = tuple(sorted(set(nl)))
         from .budget import bits_pair, parse_search_bits
 
         if isinstance(self.search_bits, str):  # "4,6,8" or "w4a8,w6a6" (study specs, scripts)

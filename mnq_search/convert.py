@@ -90,7 +90,8 @@ class QuantModel(nn.Module):
 
     def set_assignment(self, assignment: Mapping[str, str]) -> None:
         """Set the method of every slot named in ``assignment``, every method parameter named
-        as ``<slot>#<method>.<param>``, every weight layer's bit-width named ``<layer>@bits`` and every
+        as ``<slot>#<method>.<param>``, every weight layer's or Softmax/GELU slot's bit-width named
+        ``<layer>@bits`` (:meth:`set_slot_bits`) and every
         group layer's setting named ``<layer>@groups`` (validated first: nothing changes when a
         name, a method or a value is wrong). Changed bits or groups need a new calibration."""
         from .plan import validate_assignment
@@ -102,16 +103,20 @@ class QuantModel(nn.Module):
             from .groups import check_group_spec
 
             check_group_spec(self, groups)
+        slots = self.slots
+        slot_bits = {k: slots[k].check_bits(v) for k, v in bits.items() if k in slots}
+        bits = {k: v for k, v in bits.items() if k not in slots}
         if bits:  # "<layer>@bits": a weight layer's bits (b, or "wXaY"), set_layer_bits checks all first
             from .mixprec import set_layer_bits
             from .slot import layer_bit_pairs
 
             set_layer_bits(self, layer_bit_pairs(bits))
+        if slot_bits:  # "<slot>@bits": a Softmax or GELU slot's bits
+            self.set_slot_bits(slot_bits)
         if groups:  # "<layer>@groups": instance-aware groups of a block linear's input or of the probabilities
             from .groups import set_groups
 
             set_groups(self, groups)
-        slots = self.slots
         for name, value in assignment.items():
             key = split_param_key(name)
             if key is not None:
@@ -119,6 +124,25 @@ class QuantModel(nn.Module):
         for name, method in assignment.items():
             if split_param_key(name) is None:
                 slots[name].set_method(method)
+
+    def slot_bits(self) -> dict[str, int]:
+        """The bit-width of every Softmax and GELU slot (the ones :meth:`set_slot_bits` can change)."""
+        return {name: slot.bits for name, slot in self.slots.items() if slot.op != "layernorm"}
+
+    def set_slot_bits(self, bits: Mapping[str, int]) -> None:
+        """Set Softmax and GELU slots' bit-widths (:meth:`NonLinearSlot.set_bits`; all checked
+        first); a Softmax's probability groups (IGQ-ViT) follow its output grid. Needs a new calibration."""
+        slots = self.slots
+        for name, b in bits.items():
+            if name not in slots:
+                raise UsageError(f"bits given for {name!r}, which is not a slot of this model")
+            slots[name].check_bits(b)
+        parents = {f"{path}.softmax": mod for path, mod in self.model.named_modules()
+                   if getattr(mod, "p_group", None) is not None}
+        for name, b in bits.items():
+            slots[name].set_bits(b)
+            if name in parents:
+                parents[name].p_group.bits = b
 
     def get_params(self) -> dict[str, object]:
         """Every method parameter set on a slot, as assignment keys (``<slot>#<method>.<param>``)."""

@@ -93,6 +93,7 @@ class IncrementalEvaluator:
                             if id(mod) in unit_by_id and hasattr(mod, "set_bits")}
         self.bits_unit = {name: unit_by_id[id(mod)] for name, mod in self.bits_layers.items()}
         self.current_bits: dict[str, tuple[int, int]] = layer_bits(self.model)
+        self.current_slot_bits: dict[str, int] = self.model.slot_bits()
         self.device = device
         self.calib = [x.to(device) for x in calib]
         self.val = [x.to(device) for x in val]
@@ -112,21 +113,28 @@ class IncrementalEvaluator:
         """Mean KL(float || quantized) per validation image of ``assignment`` (every slot named);
         ``groups``: group settings of group layers (:mod:`mnq_search.groups`), ``bits``: (weight,
         activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs.
-        The assignment's own ``<layer>@bits`` and ``<layer>@groups`` keys count as ``bits`` and ``groups``."""
+        The assignment's own ``<layer>@bits`` and ``<layer>@groups`` keys count as ``bits`` and ``groups``;
+        ``<slot>@bits`` keys set Softmax and GELU slots' bits (:meth:`QuantModel.set_slot_bits`)."""
         from .slot import layer_bit_pairs, split_layer_keys
 
         assignment, key_bits, key_groups = split_layer_keys(assignment)
+        slot_bits = {k: v for k, v in key_bits.items() if k in self.slot_ops}
+        key_bits = {k: v for k, v in key_bits.items() if k not in self.slot_ops}
         if key_bits:  # the explicit arguments win over the assignment's own keys
             bits = {**layer_bit_pairs(key_bits), **(bits or {})}
         if key_groups:
             groups = {**key_groups, **(groups or {})}
         try:
-            return self._score(assignment, groups, bits)
+            return self._score(assignment, groups, bits, slot_bits)
         except BaseException:  # a failed score (a bad value, an integer overflow in a kernel): the cached
             self.current = None  # activations may not match the model any more, so the next score starts over
             raise
 
-    def _score(self, assignment: dict, groups, bits) -> float:
+    def _score(self, assignment: dict, groups, bits, slot_bits) -> float:
+        changed_slot_bits = [n for n, b in slot_bits.items() if self.current_slot_bits.get(n) != b]
+        if changed_slot_bits:
+            self.model.set_slot_bits({n: slot_bits[n] for n in changed_slot_bits})
+            self.current_slot_bits.update({n: slot_bits[n] for n in changed_slot_bits})
         changed_bits = [n for n, b in (bits or {}).items() if self.current_bits.get(n) != tuple(b)]
         for n in changed_bits:
             if n not in self.bits_layers:
@@ -147,9 +155,9 @@ class IncrementalEvaluator:
             start = 0
         else:
             changed = [s for s, m in assignment.items() if self.current.get(s) != m]
-            if not changed and not changed_groups and not changed_bits:
+            if not changed and not changed_groups and not changed_bits and not changed_slot_bits:
                 return self._kl
-            start = min([self.unit_of[(split_param_key(s) or (s,))[0]] for s in changed]
+            start = min([self.unit_of[(split_param_key(s) or (s,))[0]] for s in changed + changed_slot_bits]
                         + [self.group_unit[n] for n in changed_groups] + [self.bits_unit[n] for n in changed_bits])
         self.model.set_assignment(assignment)
         self.current = assignment

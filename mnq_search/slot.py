@@ -49,7 +49,7 @@ def param_key(slot: str, method: str, param: str) -> str:
     return f"{slot}{PARAM_SEP}{method}.{param}"
 
 
-BITS_SUFFIX = "@bits"  # assignment key of a weight layer's bit-width: "<layer>@bits" -> b (weights and inputs)
+BITS_SUFFIX = "@bits"  # "<layer>@bits" -> b (weights and inputs) or "wXaY"; "<slot>@bits" -> a Softmax/GELU slot's b
 GROUPS_SUFFIX = "@groups"  # assignment key of a group layer's setting: "<layer>@groups" -> 1, G or "channel"
 
 
@@ -142,6 +142,34 @@ class NonLinearSlot(nn.Module):
             return
         self.method = method
         self._build()
+
+    def set_bits(self, bits: int) -> None:
+        """Set the slot's bit-width (4..8; Softmax and GELU only: a LayerNorm's input is the 16-bit
+        residual stream): its input grid and what its method takes as ``bits`` (a Softmax's output
+        grid too). The method is rebuilt fresh and uncalibrated, as after :meth:`set_method`; the
+        attention's probability groups follow (:meth:`QuantModel.set_assignment`)."""
+        if self.check_bits(bits) == self.bits:
+            return
+        self.bits = bits
+        self.q_in.bits = bits  # the calibrated input range is kept (it does not depend on the bits)
+        if self.impl is not None:
+            self._build()
+
+    def check_bits(self, bits) -> int:
+        """``bits`` if this slot can take it (see :meth:`set_bits`), else a one-line UsageError."""
+        from .errors import UsageError
+        from .integer import check_bits
+
+        if self.op == "layernorm":
+            raise UsageError(f"bits of {self.name}: a LayerNorm slot's input is the 16-bit residual stream; "
+                             "only Softmax and GELU slots take a bit-width")
+        if isinstance(bits, bool) or not isinstance(bits, int):
+            raise UsageError(f"bits of {self.name}: expected an integer bit-width, got {bits!r}")
+        try:
+            check_bits(bits)
+        except ValueError as exc:
+            raise UsageError(f"bits of {self.name}: {exc}") from None
+        return bits
 
     def set_param(self, method: str, name: str, value) -> None:
         """Set a parameter of ``method`` on this slot (validated); when the slot runs that method, it

@@ -6,7 +6,7 @@ converted model and where they go in the assignment file. The kinds today are ``
 non-linear slot: the integer method of the slot, choices from the method registry) and ``param``
 (a per-slot parameter of a method, e.g. IndexSoftmax's table size, named
 ``<slot>#<method>.<param>``, default its first choice; it acts only while the slot runs that
-method); bit-widths and group counts per layer are further kinds. Strategies, objectives, the Optuna study and the cost
+method); bit-widths per weight layer and per Softmax/GELU slot and group counts per layer are further kinds. Strategies, objectives, the Optuna study and the cost
 model read the space instead of op lists.
 
 An assignment is a mapping ``variable name -> value``; for method variables the name is the slot's
@@ -170,6 +170,29 @@ class _BitsKind(VariableKind):
 register_kind(_BitsKind())
 
 
+class _SlotBitsKind(VariableKind):
+    """The bit-width of each Softmax and GELU slot (its input grid, and a Softmax's output grid:
+    :meth:`mnq_search.slot.NonLinearSlot.set_bits`), named ``<slot>@bits`` like a weight layer's and
+    kept in the same file section; choices: the ``nl_bits`` option (default 6, 8) and the slot's
+    current bits, its default. LayerNorm slots have none (their input is the 16-bit residual). Only
+    in spaces that ask for it (``--joint-nl-bits``)."""
+
+    name = "nl_bits"
+    file_key = "layer_bits"
+
+    def variables(self, qmodel, families=None, nl_bits=(6, 8), **options):
+        from .slot import bits_key
+
+        return [Variable(bits_key(slot), "nl_bits", tuple(sorted(set(nl_bits) | {current})), current, "nl_bits")
+                for slot, current in qmodel.slot_bits().items()]
+
+    def apply(self, qmodel, values):
+        qmodel.set_assignment(dict(values))
+
+
+register_kind(_SlotBitsKind())
+
+
 class _GroupsKind(VariableKind):
     """The instance-aware group count of each group layer (IGQ-ViT, :mod:`mnq_search.groups`): a block
     linear's input (named by the linear) or an attention's probabilities (named by its softmax slot),
@@ -214,7 +237,8 @@ class SearchSpace:
                    families: tuple[str, ...] | None = None, **options) -> "SearchSpace":
         """The variables of ``kinds`` that ``qmodel`` offers (default: a method per slot, from
         ``families`` or every registered family, and the per-slot parameters of those methods;
-        ``"bits"`` adds a bit-width per weight layer, choices from the ``bits`` option, ``"groups"`` a
+        ``"bits"`` adds a bit-width per weight layer, choices from the ``bits`` option, ``"nl_bits"`` one
+        per Softmax and GELU slot, choices from the ``nl_bits`` option, ``"groups"`` a
         group count per group layer, choices from the ``groups`` option)."""
         out: list[Variable] = []
         for k in kinds:
@@ -293,7 +317,7 @@ class SearchSpace:
         for var in self:
             if var.kind == "param" and var.name not in out and out.get(var.group) == split_param_key(var.name)[1]:
                 out[var.name] = var.default
-            elif var.kind in ("bits", "groups") and var.name not in out:
+            elif var.kind in ("bits", "nl_bits", "groups") and var.name not in out:
                 out[var.name] = var.default
         return out
 

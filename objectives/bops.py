@@ -10,6 +10,11 @@ Group counts come from the assignment's ``<layer>@groups`` keys (``--joint-group
 adds its layer's overhead (:func:`mnq_search.groups.group_overhead`: statistics, assignment and
 per-group rescales, at the layer's bit-width in the assignment); 1 group adds nothing. The products
 themselves are the weight layers' BOPs, so per tensor the two counts agree.
+
+In a space with Softmax and GELU bit-widths (``<slot>@bits``, ``--joint-nl-bits``) the attention
+products count too (:func:`mnq_search.mixprec.attention_bops`): ``A v`` at the probabilities' bits,
+which the Softmax slot's bits set; ``q k^T`` at the fixed qkv grid. A GELU's bits change no BOPs.
+A uniform budget ``wBaB`` then includes the products with the probabilities at ``B`` bits.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class BopsObjective(Objective):
         self.base: dict[str, tuple[int, int]] = {}
         self.shapes: dict | None = None  # group layer -> LayerShape, measured when the space has groups
         self.base_groups: dict[str, int | str] = {}
+        self.attention: dict[str, tuple[int, int]] = {}  # softmax slot -> (MACs per product, qkv bits), with nl_bits
+        self.base_slot_bits: dict[str, int] = {}
 
     def setup(self, ctx: Any) -> None:
         from mnq_search.mixprec import layer_bits, layer_macs
@@ -39,12 +46,18 @@ class BopsObjective(Objective):
         self.macs = layer_macs(ctx.qmodel)
         self.base = layer_bits(ctx.qmodel)
         space = getattr(ctx, "search_space", None)
-        if space is not None and space.variables("groups"):
-            from mnq_search.groups import get_groups, layer_shapes
-
+        if space is not None and (space.variables("groups") or space.variables("nl_bits")):
             x = next(iter(ctx.calib_batches()))[0].to(ctx.device)
-            self.shapes = layer_shapes(ctx.qmodel, x)
-            self.base_groups = get_groups(ctx.qmodel)
+            if space.variables("groups"):
+                from mnq_search.groups import get_groups, layer_shapes
+
+                self.shapes = layer_shapes(ctx.qmodel, x)
+                self.base_groups = get_groups(ctx.qmodel)
+            if space.variables("nl_bits"):
+                from mnq_search.mixprec import attention_macs
+
+                self.attention = attention_macs(ctx.qmodel, x)
+                self.base_slot_bits = ctx.qmodel.slot_bits()
 
     def evaluate(self, assignment: Mapping[str, Any], ctx: Any = None, trial: Any = None) -> float:
         from mnq_search.mixprec import total_bops
@@ -53,8 +66,17 @@ class BopsObjective(Objective):
         if self.macs is None:
             self.setup(ctx)
         _, key_bits, key_groups = split_layer_keys(assignment)
-        bits = {**self.base, **layer_bit_pairs(key_bits)}
-        return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits)) / 1e9
+        slot_bits = {**self.base_slot_bits, **{k: v for k, v in key_bits.items() if k in self.base_slot_bits}}
+        bits = {**self.base, **layer_bit_pairs({k: v for k, v in key_bits.items() if k not in self.base_slot_bits})}
+        return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits)
+                + self.attention_bops(slot_bits)) / 1e9
+
+    def attention_bops(self, slot_bits: Mapping[str, int] | int) -> int:
+        """BOPs per image of the attention products, counted only in a space with Softmax bit-widths
+        (:func:`mnq_search.mixprec.attention_bops`; 0 otherwise)."""
+        from mnq_search.mixprec import attention_bops
+
+        return attention_bops(self.attention, slot_bits) if self.attention else 0
 
     def group_overhead(self, groups: Mapping[str, int | str], bits: Mapping[str, tuple[int, int]] | None = None) -> int:
         """BOPs per image of the groups ``groups`` (layer -> setting), each linear's at its ``bits``."""
@@ -82,4 +104,8 @@ class BopsObjective(Objective):
             return self.group_overhead({name: min(g, s.channels) if s.kind == "linear" else g
                                         for name, s in (self.shapes or {}).items()})
 
-        return parse_budget(text, self.macs, uniform_groups if self.shapes is not None else None) / 1e9
+        from mnq_search.budget import parse_budget_spec
+
+        spec = parse_budget_spec(text)
+        extra = self.attention_bops(spec.bits[1]) if spec.bits is not None else 0
+        return (parse_budget(text, self.macs, uniform_groups if self.shapes is not None else None) + extra) / 1e9

@@ -183,6 +183,24 @@ def test_one_objective_under_a_budget_is_a_constraint(ckpt, tmp_path, capsys):
     assert result["search"]["best"]["number"] == min(feasible, key=lambda t: (t.value, t.number)).number
 
 
+def test_joint_slot_bits_search_budget_and_eval(ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--strategy", "optuna", "--objective", "proxy", "--joint-nl-bits",
+                            "--search-nl-bits", "4,8", "--budget", "w8a8", "--n-trials", "4", "--warm-start",
+                            "uniform:ibert", "--val-size", "20", "--checkpoint", ckpt, "--out", out, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    saved = json.loads((out / "assignment.json").read_text())["layer_bits"]
+    softmax_gelu = {s for s in saved if s.endswith((".attn.softmax", ".mlp.act"))}
+    assert softmax_gelu == set(saved) and len(saved) == 2 * 12 and set(saved.values()) <= {4, 8}
+    assert result["slot_bits"] == saved
+    # the budget of uniform w8a8 counts the probabilities at 8 bits: every slot at 8 is feasible, at 4 cheaper
+    assert result["search"]["budget_gbops"] > 0
+    code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)
+    assert code == 0, err
+    assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval applied the searched slot bits
+
+
 def test_joint_groups_and_methods_front_budget_and_eval(ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     code, _, err = run_cli(["run", "--strategy", "optuna", "--objective", "proxy,bops", "--sampler", "nsga2",
@@ -354,6 +372,10 @@ def _bad_cases(tmp_path, ckpt):
                               "--search-groups"),
         "zero search groups": (["run", "--strategy", "random", "--joint-groups", "--search-groups", "0,2", *c],
                                "--search-groups"),
+        "joint slot bits with a greedy rule": (["run", "--strategy", "sqnr_diff", "--joint-nl-bits", *c],
+                                               "--joint-nl-bits"),
+        "slot bits out of range": (["run", "--strategy", "random", "--joint-nl-bits", "--search-nl-bits", "3,8", *c],
+                                   "--search-nl-bits"),
         "bad mixqvit argument": (["run", "--strategy", "mixqvit:random", "--budget", "w6a6", *c], "mixqvit:sequential"),
         "negative multicrop": (["run", "--strategy", "uniform:ibert", "--qat-epochs", "1", "--multicrop", "-1", *c],
                                "--multicrop"),

@@ -11,11 +11,11 @@
 from __future__ import annotations
 
 from ._allocate import Allocation, Option, allocate_bits, build_options, sensitivity_table
-from ._bops import layer_bits, layer_macs, layer_params, parse_budget, total_bops, weight_bytes
+from ._bops import attention_bops, attention_macs, layer_bits, layer_macs, layer_params, parse_budget, total_bops, weight_bytes
 from ._hessian import TraceEstimate, hessian_importance, hessian_trace, weight_layers
 from ._lrp import LayerRelevance, LRPTrace, layer_relevance, lrp_trace
 from ._search import allocate, bit_sensitivity, bits_summary, set_layer_bits
 
-__all__ = ["allocate", "bit_sensitivity", "bits_summary", "set_layer_bits", "Allocation", "LRPTrace", "LayerRelevance", "Option", "TraceEstimate", "allocate_bits", "build_options",
+__all__ = ["allocate", "attention_bops", "attention_macs", "bit_sensitivity", "bits_summary", "set_layer_bits", "Allocation", "LRPTrace", "LayerRelevance", "Option", "TraceEstimate", "allocate_bits", "build_options",
            "hessian_importance", "hessian_trace", "layer_bits", "layer_macs", "layer_params", "layer_relevance",
            "lrp_trace", "parse_budget", "sensitivity_table", "total_bops", "weight_bytes", "weight_layers"]

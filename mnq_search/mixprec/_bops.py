@@ -9,7 +9,10 @@ MACs are measured with forward hooks on one image, for every ``nn.Linear`` and `
 (in a converted model, every input-quantized wrapper: a module holding ``q_in`` and ``linear`` or
 ``conv``). Layer names are the float model's paths in both cases (``blocks.0.attn.qkv``), so a
 table measured on one applies to the other. The attention matmuls (``q k^T``, ``A v``) hold no
-weights and are not counted.
+weights and are not counted in a weight layer's BOPs; when the Softmax slots' bit-widths are searched
+(``--joint-nl-bits``) they are, by :func:`attention_macs` and :func:`attention_bops`: ``q k^T`` at
+the qkv grid's bits squared, ``A v`` at the probabilities' bits (the Softmax slot's) times the qkv
+grid's.
 
 Weight bytes: ``(w_bits * weights + bias_bits * biases) / 8`` per layer (bias at 32 bits, the
 int32 accumulator grid).
@@ -113,6 +116,42 @@ def layer_macs(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> 
         for h in handles:
             h.remove()
     return macs
+
+
+def attention_macs(qmodel: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Softmax slot -> (MACs per image of each of its attention's two products, the bits of the qkv
+    grid they multiply), measured on the first image of ``x`` (a copy of the converted model runs it, float)."""
+    import copy
+
+    from mnq_search.attention import _QuantAttentionBase
+
+    qmodel = copy.deepcopy(qmodel).set_quant(False)  # shapes only: the float path, whatever is calibrated
+    attns = {mod.softmax.name: mod for mod in qmodel.modules() if isinstance(mod, _QuantAttentionBase)}
+    out: dict[str, tuple[int, int]] = {}
+
+    def record(slot, args) -> None:  # a pre-hook returning a value would replace the input
+        attn = attns[slot.name]
+        out.setdefault(slot.name, (args[0].numel() * attn.head_dim, int(attn.q_qkv.bits)))
+
+    hooks = [a.softmax.register_forward_pre_hook(record) for a in attns.values()]
+    try:
+        with torch.no_grad():
+            qmodel.eval()(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def attention_bops(macs: Mapping[str, tuple[int, int]], p_bits: Mapping[str, int] | int) -> int:
+    """BOPs per image of the attention products: ``MACs * a * a`` for ``q k^T`` and ``MACs * p * a``
+    for ``A v``, per Softmax slot of ``macs`` (:func:`attention_macs`), ``p`` its bits in ``p_bits``
+    (one number: every slot's)."""
+    total = 0
+    for slot, (m, a) in macs.items():
+        p = p_bits if isinstance(p_bits, int) else p_bits[slot]
+        total += int(m) * a * (a + int(p))
+    return total
 
 
 def layer_params(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -50,9 +50,9 @@ def open_run(settings: RunSettings, training: bool = False, validation: int = 0)
     return RunContext(settings=settings, slot_ops=qmodel.slot_ops(), model=model, qmodel=qmodel, data=data,
                       device=device, info=info, space=SearchSpace.from_model(qmodel, kinds=_kinds(settings), families=settings.families,
                                                    bits=settings.search_bits,
-                                                   groups=settings.search_groups))
+                                                   groups=settings.search_groups, nl_bits=settings.search_nl_bits))
 
 
 def _kinds(settings: RunSettings) -> tuple[str, ...]:
     return (("method", "param") + (("bits",) if settings.joint_bits else ())
-            + (("groups",) if settings.joint_groups else ()))
+            + (("nl_bits",) if settings.joint_nl_bits else ()) + (("groups",) if settings.joint_groups else ()))

@@ -113,6 +113,8 @@ def run(settings: RunSettings) -> dict[str, Any]:
         from ..mixprec import bits_summary
 
         result["layer_bits"] = bits_summary(qmodel)
+    if settings.joint_nl_bits:
+        result["slot_bits"] = qmodel.slot_bits()
     result["sensitivity_measured"] = ctx.sensitivity is not None
     if outcome.search is not None:
         result["search"] = outcome.search

@@ -258,7 +258,8 @@ def _figure4(ctx: _Context) -> Section:
 
 def _layer_bits(ctx: _Context) -> Section:
     section = Section("Bit-widths per layer", "The bit-width (weights and inputs) of every weight layer of runs "
-                      "that allocate them (mixqvit, joint bits search): rows are blocks, columns the block's layers.")
+                      "that allocate them (mixqvit, joint bits search), and of the Softmax and GELU slots when "
+                      "their bits were searched: rows are blocks, columns the block's layers.")
     for f in ctx.inputs.folders:
         bits = (f.assignment or {}).get("layer_bits")
         if isinstance(bits, dict) and bits:
