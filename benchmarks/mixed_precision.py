@@ -16,7 +16,12 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
   sensitivity table measured once per budget and shared through ``--bit-sensitivity-cache``; an
   existing ``none`` cell seeds it), each against the same uniform row;
 - with ``--post-ln``, also the uniform row with clipped channel-wise post-LayerNorm inputs folded
-  into the LayerNorm and the next linear (``--post-ln channel``, :mod:`mnq_search.reparam`); same cost.
+  into the LayerNorm and the next linear (``--post-ln channel``, :mod:`mnq_search.reparam`); same cost;
+- with ``--joint-trials N``, the joint Optuna search over bits x methods (``mnq-search run --strategy
+  optuna --objective proxy,bops --sampler nsga2 --joint-bits --budget wBaB``): N trials of NSGA-II on
+  validation KL and BOPs, the budget a constraint on every trial, warm-started by the budget's
+  allocated rows and the uniform row; the row is the front's best trial within the budget, and the
+  whole front goes to its cell's ``pareto.json``.
 
 Selection on ``--val-size`` validation images; top-1 on all 10,000 test images; each cell against the
 uniform cell of its budget (95 % paired bootstrap, exact McNemar, Holm across the table). Every
@@ -24,7 +29,8 @@ cell is one ``mnq-search run`` (result.json, correct.npz) under ``--work``; fini
 and skipped when the script runs again. Writes studies/results/mixed_precision.csv and
 benchmarks/results/mixed_precision.md.
 
-Usage: python benchmarks/mixed_precision.py [--budgets 6,4] [--val-size 1000] [--strategies mixqvit] [--work DIR]
+Usage: python benchmarks/mixed_precision.py [--budgets 6,4] [--val-size 1000] [--strategies mixqvit]
+    [--joint-trials N] [--work DIR]
 """
 
 from __future__ import annotations
@@ -98,6 +104,23 @@ def cell(work: Path, name: str, progress: bool, **settings) -> dict:
     return rec
 
 
+def joint_cell(work: Path, b: int, fam: str, cands: list[int], tag: str, trials: int, progress: bool, **common) -> dict:
+    """The joint bits x methods NSGA-II search under the budget wBaB, warm-started by the budget's
+    finished allocated cells (their assignment files) and the uniform row's family."""
+    from mnq_search.search import SearchOptions
+
+    starts = tuple(str(p) for p in sorted(work.glob(f"w{b}a{b}-mixqvit*-{tag}/assignment.json"))) + (f"uniform:{fam}",)
+    opts = SearchOptions(objectives=("proxy", "bops"), sampler="nsga2", n_trials=trials, warm_start=starts)
+    c = cell(work, f"w{b}a{b}-optuna-joint-{tag}-n{trials}", progress, strategy="optuna", bits=b, budget=f"w{b}a{b}",
+             search_bits=tuple((x, x) for x in cands), joint_bits=True, search=opts, **common)
+    c["label"], c["budget"], c["candidates"] = f"optuna joint (NSGA-II, {trials} trials)", f"w{b}a{b}", ",".join(map(str, cands))
+    layers = c.get("layer_bits", {}).get("layers", {})
+    c["search"] = {**c.get("search", {}), "methods": {"strategy": "searched per slot"},
+                   "bits": {"layers": layers, "bops_per_image": c["layer_bits"]["bops_per_image"]},
+                   "budget_bops": c["search"]["budget_gbops"] * 1e9}
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="6,4")
@@ -112,8 +135,12 @@ def main() -> None:
                     help="also the uniform row with clipped channel-wise post-LayerNorm inputs (--post-ln channel)")
     ap.add_argument("--importances", default="none",
                     help="layer importances of the mixqvit row: none, lrp, hessian, comma-separated (default: none)")
+    ap.add_argument("--joint-trials", type=int, default=0,
+                    help="trials of the joint bits x methods NSGA-II search per budget (default: 0, skipped)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    if args.joint_trials < 0:
+        ap.error(f"--joint-trials {args.joint_trials}: give a number of trials >= 0")
     try:
         base_bits = sorted({int(b) for b in args.search_bits.split(",")})
     except ValueError:
@@ -153,6 +180,10 @@ def main() -> None:
                 c["budget"], c["candidates"] = f"w{b}a{b}", ",".join(map(str, cands))
                 c["cmp"] = paired_comparison(c["correct"], base["correct"])
                 rows.append(c)
+        if args.joint_trials:
+            c = joint_cell(work, b, fam, cands, tag, args.joint_trials, not args.quiet, **common)
+            c["cmp"] = paired_comparison(c["correct"], base["correct"])
+            rows.append(c)
         print(", ".join(f"{r['label']} {r['top1_quant']:.2f}" for r in rows if r["budget"] == f"w{b}a{b}"), flush=True)
     holm_adjust([r["cmp"] for r in rows if "cmp" in r])
     _write(rows, args)
