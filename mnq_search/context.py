@@ -158,6 +158,12 @@ class RunSettings:
         if not counts or any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in counts):
             raise UsageError(f"--search-groups: group counts must be integers >= 1, got {self.search_groups!r}")
         self.search_groups = tuple(sorted(set(counts)))
+        if isinstance(self.search_nl_bits, str):  # "6,8" (study specs, scripts)
+            try:
+                self.search_nl_bits = tuple(int(v) for v in self.search_nl_bits.split(","))
+            except ValueError:
+                raise UsageError(f"--search-nl-bits: expected comma-separated bit-widths like 6,8, "
+                                 f"got {self.search_nl_bits!r}") from None
         nl = tuple(self.search_nl_bits)
         if not nl or any(isinstance(b, bool) or not isinstance(b, int) or not 4 <= b <= 8 for b in nl):
             raise UsageError(f"--search-nl-bits: bit-widths must be integers in 4..8, got {self.search_nl_bits!r}")

@@ -68,7 +68,7 @@ class BopsObjective(Objective):
         _, key_bits, key_groups = split_layer_keys(assignment)
         slot_bits = {**self.base_slot_bits, **{k: v for k, v in key_bits.items() if k in self.base_slot_bits}}
         bits = {**self.base, **layer_bit_pairs({k: v for k, v in key_bits.items() if k not in self.base_slot_bits})}
-        return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits)
+        return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits, slot_bits)
                 + self.attention_bops(slot_bits)) / 1e9
 
     def attention_bops(self, slot_bits: Mapping[str, int] | int) -> int:
@@ -78,8 +78,10 @@ class BopsObjective(Objective):
 
         return attention_bops(self.attention, slot_bits) if self.attention else 0
 
-    def group_overhead(self, groups: Mapping[str, int | str], bits: Mapping[str, tuple[int, int]] | None = None) -> int:
-        """BOPs per image of the groups ``groups`` (layer -> setting), each linear's at its ``bits``."""
+    def group_overhead(self, groups: Mapping[str, int | str], bits: Mapping[str, tuple[int, int]] | None = None,
+                       slot_bits: Mapping[str, int] | None = None) -> int:
+        """BOPs per image of the groups ``groups`` (layer -> setting), each linear's at its ``bits``, the
+        probabilities' at their Softmax slot's ``slot_bits``."""
         import dataclasses
 
         from mnq_search.groups import group_overhead
@@ -93,6 +95,8 @@ class BopsObjective(Objective):
             shape = self.shapes[name]
             if shape.kind == "linear" and bits and name in bits:
                 shape = dataclasses.replace(shape, weight_bits=bits[name][0], act_bits=bits[name][1])
+            elif shape.kind != "linear" and slot_bits and name in slot_bits:
+                shape = dataclasses.replace(shape, act_bits=slot_bits[name])
             total += group_overhead(shape, g)
         return total
 

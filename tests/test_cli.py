@@ -193,7 +193,8 @@ def test_joint_slot_bits_search_budget_and_eval(ckpt, tmp_path, capsys):
     saved = json.loads((out / "assignment.json").read_text())["layer_bits"]
     softmax_gelu = {s for s in saved if s.endswith((".attn.softmax", ".mlp.act"))}
     assert softmax_gelu == set(saved) and len(saved) == 2 * 12 and set(saved.values()) <= {4, 8}
-    assert result["slot_bits"] == saved
+    assert result["slot_bits"]["slots"] == saved and "layer_bits" not in result  # no weight layer's bits searched
+    assert result["slot_bits"]["attention_bops_per_image"] > 0
     # the budget of uniform w8a8 counts the probabilities at 8 bits: every slot at 8 is feasible, at 4 cheaper
     assert result["search"]["budget_gbops"] > 0
     code, stdout, err = run_cli(["eval", "--assignment", out / "assignment.json", "--checkpoint", ckpt, *FAST], capsys)

@@ -109,12 +109,17 @@ def run(settings: RunSettings) -> dict[str, Any]:
     result.update(extra)
     if group_record is not None:
         result["groups"] = group_record
-    if settings.joint_bits or layer_bits:
+    slot_bits = qmodel.slot_bits()
+    if settings.joint_bits or set(layer_bits) - set(slot_bits):
         from ..mixprec import bits_summary
 
         result["layer_bits"] = bits_summary(qmodel)
-    if settings.joint_nl_bits:
-        result["slot_bits"] = qmodel.slot_bits()
+    if settings.joint_nl_bits or set(layer_bits) & set(slot_bits):  # the attention products count with them
+        from ..mixprec import attention_bops, attention_macs
+
+        x = next(iter(ctx.calib_batches()))[0].to(ctx.device)
+        result["slot_bits"] = {"slots": slot_bits,
+                               "attention_bops_per_image": attention_bops(attention_macs(qmodel, x), slot_bits)}
     result["sensitivity_measured"] = ctx.sensitivity is not None
     if outcome.search is not None:
         result["search"] = outcome.search

@@ -51,7 +51,8 @@ def bits_grid(layer_bits: Mapping[str, int | str], part: int = 0) -> tuple[list[
 
 def plot_bits_heatmap(layer_bits: Mapping[str, int | str], title: str) -> Figure:
     """Each weight layer's bit-width as a heat map with the values written in: the colour is the weight
-    bits, the text ``b`` (weights and inputs) or ``w/a`` where the input bits differ."""
+    bits, the text ``b`` (weights and inputs) or ``w/a`` where the input bits differ. Softmax and GELU
+    slots (``attn.softmax``, ``mlp.act`` columns) have one width, their input's."""
     rows, cols, grid = bits_grid(layer_bits)
     agrid = bits_grid(layer_bits, part=1)[2]
     fig = new_figure(1.6 + 1.0 * len(cols), 1.2 + 0.3 * len(rows))
@@ -67,7 +68,7 @@ def plot_bits_heatmap(layer_bits: Mapping[str, int | str], title: str) -> Figure
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, ticks=range(int(lo), int(hi) + 1), label="weight bits (text: w/a where inputs differ)")
+    fig.colorbar(im, ax=ax, ticks=range(int(lo), int(hi) + 1), label="weight bits; a Softmax or GELU slot's: its input's (text: w/a where inputs differ)")
     return fig
 
 

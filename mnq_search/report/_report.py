@@ -266,7 +266,7 @@ def _layer_bits(ctx: _Context) -> Section:
             path = save_png(plot_bits_heatmap(bits, f"{f.label}: {f.strategy}"), ctx.png("bits", f.label))
             hist = {b: list(bits.values()).count(b) for b in sorted(set(bits.values()), key=str)}
             section.plots.append(Plot(path, f"Bits per layer, {f.label}",
-                                      "Layers per bit-width: " + ", ".join(f"{b} bits: {n}" for b, n in hist.items()) + "."))
+                                      "Layers (and slots) per bit-width: " + ", ".join(f"{b} bits: {n}" for b, n in hist.items()) + "."))
     if not section.plots:
         section.skipped.append("no assignment file with per-layer bits (layer_bits) found")
     return section

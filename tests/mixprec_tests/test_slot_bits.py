@@ -151,3 +151,16 @@ def test_attention_macs_of_a_swin_count_every_window():
     # stage 1: 8x8 tokens in 4 windows, 2 heads of dim 16
     assert got["layers.0.blocks.0.attn.softmax"] == (16 * 16 * 16 * 16, 8)
     assert got["layers.1.blocks.1.attn.softmax"] == (4 * 2 * 16 * 16 * 16, 8)
+
+
+def test_settings_take_slot_bit_candidates_as_text_or_numbers():
+    from mnq_search.context import RunSettings
+
+    opt = dict(strategy="random", joint_nl_bits=True)
+    assert RunSettings(search_nl_bits="8,6,6", **opt).validate().search_nl_bits == (6, 8)  # a study spec's text
+    assert RunSettings(search_nl_bits=(5, 4), **opt).validate().search_nl_bits == (4, 5)
+    for bad in ("6,x", (3, 8), (True,), ()):
+        with pytest.raises(UsageError, match="--search-nl-bits"):
+            RunSettings(search_nl_bits=bad, **opt).validate()
+    with pytest.raises(UsageError, match="--joint-nl-bits applies to"):
+        RunSettings(strategy="sequential", joint_nl_bits=True).validate()
