@@ -26,8 +26,9 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
 Selection on ``--val-size`` validation images; top-1 on all 10,000 test images; each cell against the
 uniform cell of its budget (95 % paired bootstrap, exact McNemar, Holm across the table). Every
 cell is one ``mnq-search run`` (result.json, correct.npz) under ``--work``; finished cells are kept
-and skipped when the script runs again. Writes studies/results/mixed_precision.csv and
-benchmarks/results/mixed_precision.md.
+and skipped when the script runs again. Writes studies/results/mixed_precision.csv,
+benchmarks/results/mixed_precision.md and docs/report-default/mixed_precision_pareto.png (top-1 against
+BOPs and weight storage, and the joint searches' fronts).
 
 Usage: python benchmarks/mixed_precision.py [--budgets 6,4] [--val-size 1000] [--strategies mixqvit]
     [--joint-trials N] [--work DIR]
@@ -187,6 +188,60 @@ def main() -> None:
         print(", ".join(f"{r['label']} {r['top1_quant']:.2f}" for r in rows if r["budget"] == f"w{b}a{b}"), flush=True)
     holm_adjust([r["cmp"] for r in rows if "cmp" in r])
     _write(rows, args)
+    print(f"plot: {_plot(rows, work)}")
+
+
+def _plot(rows: list[dict], work: Path) -> Path:
+    """Top-1 on the test set against BOPs and against weight storage (every row, uniform points as
+    squares), and each joint search's front on validation (KL vs BOPs, budget dashed):
+    docs/report-default/mixed_precision_pareto.png."""
+    from mnq_search.mixprec import layer_macs, layer_params, total_bops, weight_bytes
+    from mnq_search.report._style import new_figure, save_png
+    from mnq_search.zoo import create_zoo_model
+
+    model = create_zoo_model("fmnist-deit-tiny")
+    macs, params = layer_macs(model), layer_params(model)
+    fig = new_figure(13, 3.8)
+    ax_bops, ax_size, ax_front = fig.subplots(1, 3)
+    style = {"uniform": ("s", "black"), "mixqvit": ("o", "tab:blue"), "mixqvit:sequential": ("D", "tab:green"),
+             "optuna": ("*", "tab:red")}
+    seen = set()
+    for r in rows:
+        b = int(r["budget"][1:].split("a")[0])
+        layers = (r.get("layer_bits") or {}).get("layers")
+        bits = {n: tuple(v) for n, v in layers.items()} if layers else {n: (b, b) for n in macs}
+        kind = ("uniform" if r["label"].startswith("uniform") else "optuna" if r["label"].startswith("optuna")
+                else r["label"].split(" ")[0])
+        marker, color = style.get(kind, ("o", "tab:gray"))
+        label = None if kind in seen else kind
+        seen.add(kind)
+        x_bops, x_size = total_bops(macs, bits) / 1e9, weight_bytes(params, bits) / 1e6
+        for ax, x in ((ax_bops, x_bops), (ax_size, x_size)):
+            ax.plot([x], [r["top1_quant"]], marker, color=color, label=label, markersize=7 if kind == "optuna" else 5,
+                    fillstyle="none" if "post-LN" in r["label"] else "full")
+    for ax, xlabel in ((ax_bops, "GBOPs per image (weight layers)"), (ax_size, "weight storage (MB)")):
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("top-1 % (all 10,000 test images)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    ax_bops.legend(fontsize=7, loc="best")
+    ax_bops.set_title("accuracy x BOPs (hollow: + post-LN channel)", fontsize=9)
+    ax_size.set_title("accuracy x weight storage", fontsize=9)
+    for path in sorted(work.glob("w*a*-optuna-joint-*/pareto.json")):
+        front = json.loads(path.read_text())["front"]
+        b = int(path.parent.name[1:].split("a")[0])
+        pts = sorted((p["values"]["gbops"], p["values"]["kl"]) for p in front)
+        line, = ax_front.plot([x for x, _ in pts], [y for _, y in pts], ".-", label=f"front, budget w{b}a{b}")
+        ax_front.axvline(total_bops(macs, default=(b, b)) / 1e9, color=line.get_color(), ls="--", lw=0.8)
+    ax_front.set_xlabel("GBOPs per image", fontsize=8)
+    ax_front.set_ylabel("validation KL to the float logits", fontsize=8)
+    ax_front.set_yscale("log")
+    ax_front.set_title("joint NSGA-II fronts (validation; dashed: budgets)", fontsize=9)
+    ax_front.grid(alpha=0.3)
+    ax_front.tick_params(labelsize=7)
+    if ax_front.lines:
+        ax_front.legend(fontsize=7)
+    return save_png(fig, ROOT / "docs" / "report-default" / "mixed_precision_pareto.png")
 
 
 def _write(rows, args) -> None:

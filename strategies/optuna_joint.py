@@ -152,6 +152,19 @@ def _pareto_front(trials, objectives) -> list:
             if not any(all(a <= b for a, b in zip(o, k)) and o != k for _, o in keys)]
 
 
+def _size(ctx: RunContext, params: dict) -> dict[str, float]:
+    """``{"weight_bytes": ...}`` of a trial that sets weight layers' bit-widths (a joint bits search),
+    else nothing: the storage of the weight layers at the trial's bits (others at the model's)."""
+    if not ctx.search_space.variables("bits"):
+        return {}
+    from mnq_search.mixprec import layer_bits, layer_params, weight_bytes
+    from mnq_search.slot import layer_bit_pairs, split_layer_keys
+
+    bits = {**layer_bits(ctx.qmodel), **layer_bit_pairs({k: v for k, v in split_layer_keys(params)[1].items()
+                                                          if k not in ctx.slot_ops})}
+    return {"weight_bytes": weight_bytes(layer_params(ctx.qmodel), bits)}
+
+
 def _budget_limit(ctx: RunContext, objectives: list, opts) -> tuple[Any, float] | None:
     """(the bops objective, the budget in GBOPs) of a run with ``--budget``: the study's bops objective,
     or one set up for the constraint alone when the study optimises accuracy only."""
@@ -250,7 +263,8 @@ class OptunaStrategy(Strategy):
         assignment = ctx.search_space.active(dict(best.params))  # methods, their parameters, bit-widths, groups
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
         self.front = [{"number": t.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, t.values)},
-                       "counts": counts(t.params, ctx.slot_ops), "slots": dict(t.params)} for t in front]
+                       "counts": counts(t.params, ctx.slot_ops), "slots": dict(t.params),
+                       **_size(ctx, t.params)} for t in front]
         self.info = {
             "storage": mask_url(url), "study": spec.name, "objectives": list(opts.objectives),
             "metrics": spec.metric_names, "directions": spec.directions, "sampler": opts.sampler,

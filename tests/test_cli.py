@@ -160,6 +160,19 @@ def test_joint_bits_and_methods_front_and_budget(ckpt, tmp_path, capsys):
     assert result["layer_bits"]["bops_per_image"] / 1e9 <= result["search"]["budget_gbops"]
     saved = json.loads((out / "assignment.json").read_text())["layer_bits"]
     assert len(saved) == 12 * 4 + 2 and set(saved.values()) <= {4, 6, 8}
+    # pareto.csv: the front as a table, with each point's weight storage at its bits
+    import csv
+
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    assert [int(r["trial"]) for r in rows] == [p["number"] for p in front]
+    assert [float(r["gbops"]) for r in rows] == pytest.approx(gbops)
+    from mnq_search.mixprec import layer_params, weight_bytes
+
+    params = layer_params(create_zoo_model("fmnist-deit-tiny"))
+    for r, p in zip(rows, front):
+        bits = {k[: -len("@bits")]: (v, v) for k, v in p["slots"].items() if k.endswith("@bits")}
+        assert float(r["weight_bytes"]) == pytest.approx(weight_bytes(params, bits))
+        assert sum(int(v) for k, v in r.items() if k.startswith("softmax.")) == 12  # methods per op: 12 softmax slots
 
 
 def test_one_objective_under_a_budget_is_a_constraint(ckpt, tmp_path, capsys):

@@ -26,9 +26,21 @@ def sensitivity_csv(rows: list[dict]) -> str:
     return csv_text(SENSITIVITY_FIELDS, rows)
 
 
+def pareto_csv(pareto: dict) -> str:
+    """One line per front point: the trial, its objective values, the weight bytes (a search over
+    bit-widths) and its methods per op (``softmax.ibert``: slots running it)."""
+    front = pareto["front"]
+    counts = sorted({f"{op}.{m}" for p in front for op, ms in p.get("counts", {}).items() for m in ms})
+    extra = ["weight_bytes"] if any("weight_bytes" in p for p in front) else []
+    rows = [{"trial": p["number"], **p["values"], **({"weight_bytes": p["weight_bytes"]} if extra else {}),
+             **{c: p.get("counts", {}).get(c.split(".")[0], {}).get(c.split(".")[1], 0) for c in counts}}
+            for p in front]
+    return csv_text(["trial", *pareto["metrics"], *extra, *counts], rows)
+
+
 def write_run_outputs(out: Path, result: dict, assignment: dict, rows: list[dict] | None,
                       search: dict | None = None, pareto: dict | None = None) -> list[str]:
-    """assignment.json, sensitivity.csv (when measured), search.json and pareto.json (joint search)
+    """assignment.json, sensitivity.csv (when measured), search.json, pareto.json and pareto.csv (joint search)
     and result.json, each atomically; result.json last, so its presence marks a finished run.
     Returns the names written."""
     written = ["assignment.json"]
@@ -44,7 +56,8 @@ def write_run_outputs(out: Path, result: dict, assignment: dict, rows: list[dict
         written.append("search.json")
     if pareto is not None:
         atomic_write_json(out / "pareto.json", pareto)
-        written.append("pareto.json")
+        atomic_write_text(out / "pareto.csv", pareto_csv(pareto))
+        written += ["pareto.json", "pareto.csv"]
     atomic_write_json(out / "result.json", result)
     return written + ["result.json"]
 
