@@ -18,7 +18,8 @@ Per bit-width b (linear weights and activations at b bits, the non-linear slots 
    per-tensor best-uniform cell of the same bit-width.
 
 Selection on validation, report on the test set. Resumable: every finished cell is kept in
-``--work`` (per-image correctness and its record) and skipped when the script runs again.
+``--work`` (per-image correctness and its record; default ``studies/cells/group_quant``, kept in git so a
+new machine resumes too) and skipped when the script runs again.
 Writes studies/results/group_quant.csv, benchmarks/results/group_quant.md and
 docs/report-default/group_quant.png.
 
@@ -194,7 +195,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", default="4,6")
     ap.add_argument("--val-size", type=int, default=1000)
-    ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "group_quant"))
+    ap.add_argument("--work", default=str(ROOT / "studies" / "cells" / "group_quant"))
     ap.add_argument("--joint-trials", type=int, default=0,
                     help="trials of the joint methods x groups Optuna search per bit-width (default: 0, skipped)")
     ap.add_argument("--quiet", action="store_true")

@@ -25,7 +25,8 @@ non-linear slots run at b bits in every cell, so only the linear layers' precisi
 
 Selection on ``--val-size`` validation images; top-1 on all 10,000 test images; each cell against the
 uniform cell of its budget (95 % paired bootstrap, exact McNemar, Holm across the table). Every
-cell is one ``mnq-search run`` (result.json, correct.npz) under ``--work``; finished cells are kept
+cell is one ``mnq-search run`` (result.json, correct.npz) under ``--work`` (default
+``studies/cells/mixed_precision``, kept in git so a new machine resumes too); finished cells are kept
 and skipped when the script runs again. Writes studies/results/mixed_precision.csv,
 benchmarks/results/mixed_precision.md and docs/report-default/mixed_precision_pareto.png (top-1 against
 BOPs and weight storage, and the joint searches' fronts).
@@ -126,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="6,4")
     ap.add_argument("--val-size", type=int, default=1000)
-    ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "mixed_precision"))
+    ap.add_argument("--work", default=str(ROOT / "studies" / "cells" / "mixed_precision"))
     ap.add_argument("--strategies", default="mixqvit,mixqvit:sequential",
                     help="the allocated rows (default: mixqvit,mixqvit:sequential)")
     ap.add_argument("--search-bits", default="4,5,6,8",
