@@ -95,7 +95,7 @@ class QuantModel(nn.Module):
         group layer's setting named ``<layer>@groups`` (validated first: nothing changes when a
         name, a method or a value is wrong). Changed bits or groups need a new calibration."""
         from .plan import validate_assignment
-        from .slot import split_layer_keys, split_param_key
+        from .slot import split_layer_keys, split_param_key, split_slot_bits
 
         assignment, bits, groups = split_layer_keys(assignment)
         validate_assignment(assignment, self.slot_ops())
@@ -104,8 +104,9 @@ class QuantModel(nn.Module):
 
             check_group_spec(self, groups)
         slots = self.slots
-        slot_bits = {k: slots[k].check_bits(v) for k, v in bits.items() if k in slots}
-        bits = {k: v for k, v in bits.items() if k not in slots}
+        slot_bits, bits = split_slot_bits(bits, slots)
+        for k, v in slot_bits.items():
+            slots[k].check_bits(v)
         if bits:  # "<layer>@bits": a weight layer's bits (b, or "wXaY"), set_layer_bits checks all first
             from .mixprec import set_layer_bits
             from .slot import layer_bit_pairs

@@ -115,11 +115,10 @@ class IncrementalEvaluator:
         activation) bits of weight layers (:mod:`mnq_search.mixprec`); layers not named keep theirs.
         The assignment's own ``<layer>@bits`` and ``<layer>@groups`` keys count as ``bits`` and ``groups``;
         ``<slot>@bits`` keys set Softmax and GELU slots' bits (:meth:`QuantModel.set_slot_bits`)."""
-        from .slot import layer_bit_pairs, split_layer_keys
+        from .slot import layer_bit_pairs, split_layer_keys, split_slot_bits
 
         assignment, key_bits, key_groups = split_layer_keys(assignment)
-        slot_bits = {k: v for k, v in key_bits.items() if k in self.slot_ops}
-        key_bits = {k: v for k, v in key_bits.items() if k not in self.slot_ops}
+        slot_bits, key_bits = split_slot_bits(key_bits, self.slot_ops)
         if key_bits:  # the explicit arguments win over the assignment's own keys
             bits = {**layer_bit_pairs(key_bits), **(bits or {})}
         if key_groups:

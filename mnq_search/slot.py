@@ -77,6 +77,12 @@ def split_layer_keys(assignment) -> tuple[dict, dict[str, int | str], dict[str, 
     return rest, bits, groups
 
 
+def split_slot_bits(bits, slots) -> tuple[dict, dict]:
+    """(the values of ``bits`` (a ``split_layer_keys`` layer -> bits map) whose names are in ``slots``:
+    Softmax/GELU slots' bits, the rest: weight layers' bits)."""
+    return ({k: v for k, v in bits.items() if k in slots}, {k: v for k, v in bits.items() if k not in slots})
+
+
 def layer_bit_pairs(bits) -> dict[str, tuple[int, int]]:
     """``{layer: (weight bits, activation bits)}`` of ``<layer>@bits`` values (``6`` or ``"w4a8"``); a
     one-line UsageError for a value that is neither."""

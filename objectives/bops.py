@@ -61,13 +61,14 @@ class BopsObjective(Objective):
 
     def evaluate(self, assignment: Mapping[str, Any], ctx: Any = None, trial: Any = None) -> float:
         from mnq_search.mixprec import total_bops
-        from mnq_search.slot import layer_bit_pairs, split_layer_keys
+        from mnq_search.slot import layer_bit_pairs, split_layer_keys, split_slot_bits
 
         if self.macs is None:
             self.setup(ctx)
         _, key_bits, key_groups = split_layer_keys(assignment)
-        slot_bits = {**self.base_slot_bits, **{k: v for k, v in key_bits.items() if k in self.base_slot_bits}}
-        bits = {**self.base, **layer_bit_pairs({k: v for k, v in key_bits.items() if k not in self.base_slot_bits})}
+        key_slot_bits, key_bits = split_slot_bits(key_bits, self.base_slot_bits)
+        slot_bits = {**self.base_slot_bits, **key_slot_bits}
+        bits = {**self.base, **layer_bit_pairs(key_bits)}
         return (total_bops(self.macs, bits) + self.group_overhead({**self.base_groups, **key_groups}, bits, slot_bits)
                 + self.attention_bops(slot_bits)) / 1e9
 

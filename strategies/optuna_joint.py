@@ -152,17 +152,21 @@ def _pareto_front(trials, objectives) -> list:
             if not any(all(a <= b for a, b in zip(o, k)) and o != k for _, o in keys)]
 
 
-def _size(ctx: RunContext, params: dict) -> dict[str, float]:
-    """``{"weight_bytes": ...}`` of a trial that sets weight layers' bit-widths (a joint bits search),
-    else nothing: the storage of the weight layers at the trial's bits (others at the model's)."""
+def _size_fn(ctx: RunContext):
+    """A function of a trial's params giving ``{"weight_bytes": ...}``, the storage of the weight layers
+    at the trial's bits (others at the model's), in a joint bits search; else one giving nothing."""
     if not ctx.search_space.variables("bits"):
-        return {}
+        return lambda params: {}
     from mnq_search.mixprec import layer_bits, layer_params, weight_bytes
-    from mnq_search.slot import layer_bit_pairs, split_layer_keys
+    from mnq_search.slot import layer_bit_pairs, split_layer_keys, split_slot_bits
 
-    bits = {**layer_bits(ctx.qmodel), **layer_bit_pairs({k: v for k, v in split_layer_keys(params)[1].items()
-                                                          if k not in ctx.slot_ops})}
-    return {"weight_bytes": weight_bytes(layer_params(ctx.qmodel), bits)}
+    base, sizes = layer_bits(ctx.qmodel), layer_params(ctx.qmodel)
+
+    def size(params: dict) -> dict[str, float]:
+        layers = split_slot_bits(split_layer_keys(params)[1], ctx.slot_ops)[1]
+        return {"weight_bytes": weight_bytes(sizes, {**base, **layer_bit_pairs(layers)})}
+
+    return size
 
 
 def _budget_limit(ctx: RunContext, objectives: list, opts) -> tuple[Any, float] | None:
@@ -262,9 +266,10 @@ class OptunaStrategy(Strategy):
             best = min(within, key=rank)
         assignment = ctx.search_space.active(dict(best.params))  # methods, their parameters, bit-widths, groups
         finite = lambda v: v if math.isfinite(v) else None  # noqa: E731 (JSON has no inf)
+        size = _size_fn(ctx)
         self.front = [{"number": t.number, "values": {m: finite(v) for m, v in zip(spec.metric_names, t.values)},
                        "counts": counts(t.params, ctx.slot_ops), "slots": dict(t.params),
-                       **_size(ctx, t.params)} for t in front]
+                       **size(t.params)} for t in front]
         self.info = {
             "storage": mask_url(url), "study": spec.name, "objectives": list(opts.objectives),
             "metrics": spec.metric_names, "directions": spec.directions, "sampler": opts.sampler,
