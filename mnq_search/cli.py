@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="run a study spec (TOML) to one tidy CSV and a Markdown table")
     p.add_argument("action", choices=("run", "tables"), help="run the unfinished cells, or only rebuild the tables")
     p.add_argument("spec", help="study spec, e.g. studies/paper_tables_cpu_mini.toml")
+    p.add_argument("--models", default=None, metavar="M1,M2",
+                   help="run only these models of the spec, comma-separated (default: all; a model without "
+                        "weights yet can wait while the others run)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -428,8 +431,13 @@ def _cmd_qat(args) -> int:
 def _cmd_study(args) -> int:
     from .study import load_spec, run_study, write_tables
 
-    path = run_study(args.spec, progress=not args.quiet, device=args.device) if args.action == "run" \
-        else write_tables(load_spec(args.spec))
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if args.action == "run":
+        path = run_study(args.spec, progress=not args.quiet, device=args.device, models=models)
+    elif models:
+        raise UsageError("--models selects the cells to run; 'study tables' always tabulates every finished cell")
+    else:
+        path = write_tables(load_spec(args.spec))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 

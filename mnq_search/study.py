@@ -334,18 +334,41 @@ def qat_cells(spec: StudySpec, done: dict[str, dict]) -> list[Cell]:
     return out
 
 
-def run_study(spec_path: str | Path, progress: bool = True, device: str | None = None) -> Path:
-    """Run every unfinished cell of a spec (then the QAT phase's); returns the tidy CSV path."""
+def check_models(spec: StudySpec, models: list[str] | None) -> list[str]:
+    """The spec's models to run (``models``: a subset, in the spec's order), each checked to have
+    weights (a zoo model's shipped file or the spec's ``[run] checkpoint``) before any cell runs."""
+    from .zoo import default_weights_path, list_zoo
+
+    if models is not None:
+        unknown = [m for m in models if m not in spec.models]
+        if unknown or not models:
+            raise UsageError(f"--models: {unknown[0] if unknown else '(none)'} is not a model of {spec.path}; "
+                             f"its models: {', '.join(spec.models)}")
+    chosen = [m for m in spec.models if models is None or m in models]
+    if spec.run.get("checkpoint") is None:
+        for m in chosen:
+            if m in list_zoo() and not default_weights_path(m).is_file():
+                raise UsageError(f"no weights for zoo model {m!r} of {spec.path}: run 'mnq-search pretrain {m}' "
+                                 f"first, or leave it out with --models")
+    return chosen
+
+
+def run_study(spec_path: str | Path, progress: bool = True, device: str | None = None,
+              models: list[str] | None = None) -> Path:
+    """Run every unfinished cell of a spec (then the QAT phase's), of every model or of ``models``
+    only; returns the tidy CSV path (the tables always hold every finished cell)."""
     from tqdm.auto import tqdm
 
     from .pipeline import default_device, device_name
 
     spec = load_spec(spec_path)
+    chosen = check_models(spec, models)
     cells_dir = spec.work_dir / "cells"
     costs = _Costs(spec, device)
     for phase in ("ptq", "qat"):
         done = _finished(spec)
         cells = spec.cells() if phase == "ptq" else qat_cells(spec, done)
+        cells = [c for c in cells if c.model in chosen]
         for cell in tqdm(cells, desc=f"study {spec.name} ({phase})", disable=not progress):
             if cell.id in done:
                 continue

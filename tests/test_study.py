@@ -148,3 +148,41 @@ select = ["best_uniform", "best_search"]
     n_before = len(calls)
     run_study(path, progress=False)  # everything finished: nothing runs
     assert len(calls) == n_before
+
+
+def test_models_outside_the_spec_or_without_weights_are_refused_before_any_cell(tmp_path, monkeypatch, capsys):
+    import mnq_search.study as study
+    import mnq_search.zoo as zoo
+
+    path = tmp_path / "two.toml"
+    path.write_text('name = "two"\nmodels = ["fmnist-deit-tiny", "fmnist-vit-deep"]\nbits = [8]\n'
+                    'strategies = ["uniform:ivit"]\n')
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "none")  # no model has shipped weights here
+    monkeypatch.setattr(study, "_run_cell", lambda *a: pytest.fail("a cell ran"))
+    assert main(["study", "run", str(path), "--models", "fmnist-swin-micro", "--quiet"]) == 2
+    assert "--models: fmnist-swin-micro is not a model of" in capsys.readouterr().err
+    assert main(["study", "run", str(path), "--models", "fmnist-deit-tiny", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no weights for zoo model 'fmnist-deit-tiny'" in err and "mnq-search pretrain" in err
+    assert main(["study", "tables", str(path), "--models", "fmnist-deit-tiny"]) == 2
+    assert "--models" in capsys.readouterr().err
+
+
+@needs_full_fmnist
+def test_models_runs_only_those_models_cells(tmp_path):
+    ckpt = zoo_checkpoint(tmp_path)
+    path = tmp_path / "two.toml"
+    path.write_text(f'''
+name = "two"
+models = ["fmnist-deit-tiny", "fmnist-vit-deep"]
+bits = [8]
+strategies = ["uniform:ivit"]
+[run]
+checkpoint = "{ckpt}"
+calib_size = 8
+eval_size = 20
+batch_size = 20
+''')
+    assert main(["study", "run", str(path), "--models", "fmnist-deit-tiny", "--quiet"]) == 0
+    rows = list(csv.DictReader((tmp_path / "results" / "two.csv").open()))
+    assert [(r["model"], r["strategy"]) for r in rows] == [("fmnist-deit-tiny", "uniform:ivit")]
