@@ -151,8 +151,7 @@ select = ["best_uniform", "best_search"]
 
 
 def test_models_outside_the_spec_or_without_weights_are_refused_before_any_cell(tmp_path, monkeypatch, capsys):
-    import mnq_search.study as study
-    import mnq_search.zoo as zoo
+    from mnq_search import study, zoo
 
     path = tmp_path / "two.toml"
     path.write_text('name = "two"\nmodels = ["fmnist-deit-tiny", "fmnist-vit-deep"]\nbits = [8]\n'
