@@ -68,6 +68,12 @@ class _QuantAttentionBase(nn.Module):
         self.p_group = None if groups == 1 else GroupSoftmaxQuant(self.softmax.bits, groups).to(
             self.proj.linear.weight.device)
 
+    def _prob_groups(self, p: torch.Tensor):
+        """The probabilities on their groups' grids, at the softmax slot's current bit-width (the slot
+        owns the width: a per-slot width set on the slot alone reaches the groups too)."""
+        self.p_group.bits = self.softmax.bits
+        return self.p_group(p)
+
     def _qkv(self, x: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, ...]:
         """(q, k, v) as the integers of one per-tensor grid, and its scale (quantization off: the
         float q, k, v and None)."""
@@ -90,7 +96,7 @@ class _QuantAttentionBase(nn.Module):
         if s_v is None or s_p is None:
             return p @ (v if s_v is None else v * s_v)
         if self.p_group is not None:  # fake-quant: the probabilities dequantized on their row's group grids
-            gq = self.p_group(p)
+            gq = self._prob_groups(p)
             return ((gq.q * gq.scale) @ v) * s_v
         return self.matmul_av.forward_q(to_grid(p, s_p), s_p, v, s_v)[0]
 
@@ -102,7 +108,7 @@ class _QuantAttentionBase(nn.Module):
         if self.p_group is None:
             raise UsageError("partial sums need softmax groups (set_softmax_groups(G), G > 1)")
         with torch.no_grad():
-            gq = self.p_group(p)
+            gq = self._prob_groups(p)
             fn = matmul_partial_sums_int if integer else matmul_partial_sums
             acc = fn(gq.q, gq.group, self.p_group.groups, v)
             return acc, merge_partial_sums(acc, gq.group_scales, s_v)

@@ -138,12 +138,8 @@ class QuantModel(nn.Module):
             if name not in slots:
                 raise UsageError(f"bits given for {name!r}, which is not a slot of this model")
             slots[name].check_bits(b)
-        parents = {f"{path}.softmax": mod for path, mod in self.model.named_modules()
-                   if getattr(mod, "p_group", None) is not None}
         for name, b in bits.items():
             slots[name].set_bits(b)
-            if name in parents:
-                parents[name].p_group.bits = b
 
     def get_params(self) -> dict[str, object]:
         """Every method parameter set on a slot, as assignment keys (``<slot>#<method>.<param>``)."""

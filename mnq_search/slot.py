@@ -152,9 +152,8 @@ class NonLinearSlot(nn.Module):
     def set_bits(self, bits: int) -> None:
         """Set the slot's bit-width (4..8; Softmax and GELU only: a LayerNorm's input is the 16-bit
         residual stream): its input grid and what its method takes as ``bits`` (a Softmax's output
-        grid too). The method is rebuilt fresh and uncalibrated, as after :meth:`set_method`. Call
-        :meth:`QuantModel.set_slot_bits` (or ``set_assignment``) instead on a model: the attention's
-        probability groups (IGQ-ViT) follow the Softmax's bits only there."""
+        grid too). The method is rebuilt fresh and uncalibrated, as after :meth:`set_method`. The
+        attention's probability groups (IGQ-ViT) read this width at every forward."""
         if self.check_bits(bits) == self.bits:
             return
         self.bits = bits

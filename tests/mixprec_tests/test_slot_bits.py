@@ -164,3 +164,19 @@ def test_settings_take_slot_bit_candidates_as_text_or_numbers():
             RunSettings(search_nl_bits=bad, **opt).validate()
     with pytest.raises(UsageError, match="--joint-nl-bits applies to"):
         RunSettings(strategy="sequential", joint_nl_bits=True).validate()
+
+
+def test_probability_groups_follow_a_width_set_on_the_slot_alone():
+    """The Softmax slot owns its width: set on the slot alone (not through the model), the attention's
+    IGQ-ViT probability groups quantize at it, to 2**bits - 1 levels at most."""
+    from mnq_search.zoo import create_zoo_model
+
+    torch.manual_seed(0)
+    q = convert_model(create_zoo_model("fmnist-deit-tiny").eval(), 8)
+    attn = q.model.blocks[0].attn
+    attn.set_softmax_groups(4)
+    p = torch.softmax(torch.randn(2, attn.num_heads, 50, 50) * 3, dim=-1)
+    assert attn._prob_groups(p).q.max().item() > 2**6 - 1
+    attn.softmax.set_bits(6)
+    assert attn.p_group.bits == 8 and attn._prob_groups(p).q.max().item() == 2**6 - 1
+    assert attn.p_group.bits == 6
