@@ -534,10 +534,13 @@ def _cmd_list(args) -> int:
         for op, methods in NONLINEAR_METHODS.items():
             print(f"{op:10s} {', '.join(methods)}")
     else:
-        from .zoo import get_zoo_entry, list_zoo
+        from .zoo import get_zoo_entry, list_zoo, shipped_record
 
         for name in list_zoo():
-            print(f"{name:18s} {get_zoo_entry(name).description}")
+            rec = shipped_record(name)
+            weights = ("no weights (mnq-search pretrain)" if rec is None else
+                       f"FP top-1 {rec['top1']:.2f} %" if "top1" in rec else "weights shipped")
+            print(f"{name:18s} {weights:32s} {get_zoo_entry(name).description}")
         print("any timm model name also works, with --checkpoint PATH")
     return 0
 

@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,12 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 def default_weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def shipped_record(name: str) -> dict | None:
+    """The training record shipped next to a zoo model's weights (epochs, float top-1 on the test
+    set, time, device), or None when the model has no shipped weights."""
+    if not default_weights_path(name).is_file():
+        return None
+    rec = WEIGHTS_DIR / f"{name}.json"
+    return json.loads(rec.read_text()) if rec.is_file() else {}

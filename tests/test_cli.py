@@ -428,7 +428,9 @@ def test_list_commands(capsys):
     assert run_cli(["list", "strategies"], capsys)[1].count("\n") == len(list_strategies())
     out = run_cli(["list", "methods"], capsys)[1]
     assert "gelu       ibert, ivit, polyfit" in out
-    assert "fmnist-deit-tiny" in run_cli(["list", "models"], capsys)[1]
+    models = {line.split()[0]: line for line in run_cli(["list", "models"], capsys)[1].splitlines()}
+    assert "FP top-1 87.64 %" in models["fmnist-deit-tiny"]  # the shipped record's test top-1
+    assert "no weights (mnq-search pretrain)" in models["fmnist-vit-small"]
 
 
 def _image_folder(root, classes: int, size: int = 40, per_class: int = 1):
