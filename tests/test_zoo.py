@@ -7,7 +7,7 @@ import torch
 
 from mnq_search.convert import convert_model
 from mnq_search.methods import uniform_assignment
-from mnq_search.zoo import create_zoo_model, get_zoo_entry, list_zoo
+from mnq_search.zoo import create_zoo_model, get_zoo_entry, list_zoo, shipped_record
 
 EXPECTED = {"fmnist-deit-tiny": (12, 12, 25, 5_353_738), "fmnist-vit-small": (12, 12, 25, None),
             "fmnist-swin-tiny": (12, 12, 29, None), "fmnist-swin-micro": (10, 10, 24, None),
@@ -41,9 +41,18 @@ def test_swin_zoo_model_uses_every_stage():
     assert resolutions == [(16, 16), (8, 8), (4, 4), (2, 2)]
 
 
-def test_shipped_default_weights_are_the_recorded_model():
-    """The embedded default: fp16 safetensors within 12 MB, loads strictly, and its float top-1 on
-    the first 1,000 test images agrees with the top-1 its record states for the full test set."""
+SHIPPED = [n for n in list_zoo() if shipped_record(n) is not None]
+
+
+def test_the_embedded_default_and_the_study_models_ship_weights():
+    assert {"fmnist-deit-tiny", "fmnist-swin-micro"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_are_the_recorded_model(name):
+    """Every shipped zoo model: fp16 safetensors within 12 MB, loads strictly, its record (also next
+    to the file, as ``list models`` shows it) names it, and its float top-1 on the first 1,000 test
+    images agrees with the top-1 the record states for the full test set."""
     from safetensors import safe_open
 
     from mnq_search.data import FmnistSource
@@ -51,20 +60,21 @@ def test_shipped_default_weights_are_the_recorded_model():
     from mnq_search.pretrain import evaluate_float
     from mnq_search.zoo import default_weights_path
 
-    path = default_weights_path("fmnist-deit-tiny")
-    assert path.is_file(), "the embedded default weights must ship with the package"
+    path = default_weights_path(name)
     assert path.stat().st_size <= 12 * 2**20
     with safe_open(str(path), "pt") as fh:
         assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}
-    model, info = load_model("fmnist-deit-tiny")
+    model, info = load_model(name)
     record = info.weights_meta
-    assert record["name"] == "fmnist-deit-tiny" and record["test_size"] == 10_000
+    assert record["name"] == name and record["test_size"] == 10_000
+    assert shipped_record(name)["top1"] == record["top1"]
     assert record["top1"] == pytest.approx(record["history"][-1]["top1"], abs=1.0)  # fp16 file vs bf16 eval
     try:
         data = FmnistSource(None)
     except Exception as exc:  # noqa: BLE001 (no data set on this machine)
         pytest.skip(f"Fashion-MNIST not available: {exc}")
-    top1 = evaluate_float(model, data.test.subset(torch.arange(1000)), None, "cpu")
+    size = get_zoo_entry(name).input_size
+    top1 = evaluate_float(model, data.test.subset(torch.arange(1000)), size if size != 28 else None, "cpu")
     assert abs(top1 - record["top1"]) < 3.0  # 1,000 images: a binomial s.d. of about 1.1 points
 
 
