@@ -121,8 +121,8 @@ register_zoo(ZooEntry(
     # Deeper and narrower than the default (16 blocks of width 64 instead of 12 of 192): more slots in
     # series for quantization error to propagate through (16 Softmax, 16 GELU, 33 LayerNorm) and
     # fewer channels per LayerNorm row, so one outlier channel weighs more in its statistics. Width 64
-    # (0.8 M parameters) keeps the recipe near 2 CPU-hours: 6 s per batch of 512 on one thread with the
-    # two cores shared by three jobs, 11 min per epoch (width 96 took 20 min per epoch: 4 h for 12).
+    # (0.8 M parameters) keeps the recipe near 2 CPU-hours: 12 epochs took 81 min on one thread with
+    # the other core busy (width 96 took 20 min per epoch: 4 h for 12). Shipped: 82.82 % float top-1.
     kwargs=dict(_FMNIST_VIT, embed_dim=64, num_heads=2, depth=16),
     recipe=Recipe(epochs=12, holdout=5000),
     description="deeper, narrower ViT (16 blocks, embed 64, 2 heads), 28x28x1 input, 4x4 patches",

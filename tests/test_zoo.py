@@ -45,7 +45,7 @@ SHIPPED = [n for n in list_zoo() if shipped_record(n) is not None]
 
 
 def test_the_embedded_default_and_the_study_models_ship_weights():
-    assert {"fmnist-deit-tiny", "fmnist-swin-micro"} <= set(SHIPPED)
+    assert {"fmnist-deit-tiny", "fmnist-swin-micro", "fmnist-vit-deep"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
