@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="study spec, e.g. studies/paper_tables_cpu_mini.toml")
     p.add_argument("--models", default=None, metavar="M1,M2",
                    help="run only these models of the spec, comma-separated (default: all; a model without "
-                        "weights yet can wait while the others run)")
+                        "weights yet can wait while the others run); with 'tables': tabulate only theirs, "
+                        "as NAME_MODEL... files")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -429,15 +430,13 @@ def _cmd_qat(args) -> int:
 
 
 def _cmd_study(args) -> int:
-    from .study import load_spec, run_study, write_tables
+    from .study import run_study, tables_of
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models is not None else None
     if args.action == "run":
         path = run_study(args.spec, progress=not args.quiet, device=args.device, models=models)
-    elif models:
-        raise UsageError("--models selects the cells to run; 'study tables' always tabulates every finished cell")
     else:
-        path = write_tables(load_spec(args.spec))
+        path = tables_of(args.spec, models)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0
 

@@ -95,6 +95,15 @@ class StudySpec:
     work_dir: Path
     path: Path
     models: list[str] = field(default_factory=list)
+    subset_of: str | None = None  # the whole study's name, when this is a subset of its models
+
+    def subset(self, models: list[str]) -> StudySpec:
+        """The same spec restricted to ``models`` (in the spec's order), its tables named
+        ``<name>_<model>...``: a part of a study tabulated on its own while the rest still runs."""
+        chosen = [m for m in self.models if m in models]
+        groups = [dict(g, models=[m for m in g["models"] if m in chosen]) for g in self.groups]
+        return dataclasses.replace(self, name="_".join([self.name, *chosen]), models=chosen,
+                                   groups=[g for g in groups if g["models"]], subset_of=self.name)
 
     def cells(self) -> list[Cell]:
         """The PTQ (and ``qat_epochs``) cells, in order; the QAT phase's come from :func:`qat_cells`."""
@@ -334,17 +343,28 @@ def qat_cells(spec: StudySpec, done: dict[str, dict]) -> list[Cell]:
     return out
 
 
-def check_models(spec: StudySpec, models: list[str] | None) -> list[str]:
-    """The spec's models to run (``models``: a subset, in the spec's order), each checked to have
-    weights (a zoo model's shipped file or the spec's ``[run] checkpoint``) before any cell runs."""
-    from .zoo import default_weights_path, list_zoo
-
+def _chosen_models(spec: StudySpec, models: list[str] | None) -> list[str]:
     if models is not None:
         unknown = [m for m in models if m not in spec.models]
         if unknown or not models:
             raise UsageError(f"--models: {unknown[0] if unknown else '(none)'} is not a model of {spec.path}; "
                              f"its models: {', '.join(spec.models)}")
-    chosen = [m for m in spec.models if models is None or m in models]
+    return [m for m in spec.models if models is None or m in models]
+
+
+def tables_of(spec_path: str | Path, models: list[str] | None = None) -> Path:
+    """Rebuild a study's tables from its finished cells; with ``models``, only theirs, as
+    ``<name>_<model>...`` files next to the whole study's."""
+    spec = load_spec(spec_path)
+    return write_tables(spec if models is None else spec.subset(_chosen_models(spec, models)))
+
+
+def check_models(spec: StudySpec, models: list[str] | None) -> list[str]:
+    """The spec's models to run (``models``: a subset, in the spec's order), each checked to have
+    weights (a zoo model's shipped file or the spec's ``[run] checkpoint``) before any cell runs."""
+    from .zoo import default_weights_path, list_zoo
+
+    chosen = _chosen_models(spec, models)
     if spec.run.get("checkpoint") is None:
         for m in chosen:
             if m in list_zoo() and not default_weights_path(m).is_file():
@@ -422,6 +442,9 @@ def markdown_table(rows: list[dict], spec: StudySpec) -> str:
     lines = [f"# Study `{spec.name}`", "", f"Spec: `{spec.path}`. Top-1 (%) on the evaluation split; "
              "`QAT 0` is post-training quantization.", "",
              f"Command: `mnq-search study run {spec.path}`. Device: {seen('device')}. Date: {seen('date')}.", ""]
+    if spec.subset_of:
+        lines[-1:-1] = [f"Only the cells of {', '.join(spec.models)} (`mnq-search study tables {spec.path} --models "
+                        f"{','.join(spec.models)}`): a part of the study `{spec.subset_of}`.", ""]
     for model in spec.models:
         mrows = [r for r in rows if r["model"] == model]
         if not mrows:

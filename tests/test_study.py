@@ -163,8 +163,8 @@ def test_models_outside_the_spec_or_without_weights_are_refused_before_any_cell(
     assert main(["study", "run", str(path), "--models", "fmnist-deit-tiny", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no weights for zoo model 'fmnist-deit-tiny'" in err and "mnq-search pretrain" in err
-    assert main(["study", "tables", str(path), "--models", "fmnist-deit-tiny"]) == 2
-    assert "--models" in capsys.readouterr().err
+    assert main(["study", "tables", str(path), "--models", "nope"]) == 2
+    assert "--models: nope is not a model of" in capsys.readouterr().err
 
 
 @needs_full_fmnist
@@ -185,3 +185,9 @@ batch_size = 20
     assert main(["study", "run", str(path), "--models", "fmnist-deit-tiny", "--quiet"]) == 0
     rows = list(csv.DictReader((tmp_path / "results" / "two.csv").open()))
     assert [(r["model"], r["strategy"]) for r in rows] == [("fmnist-deit-tiny", "uniform:ivit")]
+    # the part of the study that ran, tabulated on its own next to the whole study's tables
+    assert main(["study", "tables", str(path), "--models", "fmnist-deit-tiny"]) == 0
+    part = tmp_path / "results" / "two_fmnist-deit-tiny.csv"
+    assert part.read_text() == (tmp_path / "results" / "two.csv").read_text()
+    md = part.with_suffix(".md").read_text()
+    assert "--models fmnist-deit-tiny`): a part of the study `two`" in md and "## fmnist-vit-deep" not in md
