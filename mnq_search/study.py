@@ -443,7 +443,7 @@ def markdown_table(rows: list[dict], spec: StudySpec) -> str:
              "`QAT 0` is post-training quantization.", "",
              f"Command: `mnq-search study run {spec.path}`. Device: {seen('device')}. Date: {seen('date')}.", ""]
     if spec.subset_of:
-        lines[-1:-1] = [f"Only the cells of {', '.join(spec.models)} (`mnq-search study tables {spec.path} --models "
+        lines += [f"Only the cells of {', '.join(spec.models)} (`mnq-search study tables {spec.path} --models "
                         f"{','.join(spec.models)}`): a part of the study `{spec.subset_of}`.", ""]
     for model in spec.models:
         mrows = [r for r in rows if r["model"] == model]
