@@ -73,8 +73,7 @@ def test_shipped_weights_are_the_recorded_model(name):
         data = FmnistSource(None)
     except Exception as exc:  # noqa: BLE001 (no data set on this machine)
         pytest.skip(f"Fashion-MNIST not available: {exc}")
-    size = get_zoo_entry(name).input_size
-    top1 = evaluate_float(model, data.test.subset(torch.arange(1000)), size if size != 28 else None, "cpu")
+    top1 = evaluate_float(model, data.test.subset(torch.arange(1000)), get_zoo_entry(name).input_size, "cpu")
     assert abs(top1 - record["top1"]) < 3.0  # 1,000 images: a binomial s.d. of about 1.1 points
 
 
