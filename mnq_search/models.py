@@ -14,7 +14,13 @@ import torch
 
 from .errors import UsageError
 from .io import load_weights_into
-from .zoo import create_zoo_model, default_weights_path, get_zoo_entry, list_zoo
+from .zoo import (
+    create_zoo_model,
+    default_weights_path,
+    get_zoo_entry,
+    list_zoo,
+    missing_weights,
+)
 
 DEFAULT_MODEL = "fmnist-deit-tiny"
 
@@ -69,8 +75,7 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None,
             if "mnq_search" in meta:
                 info.weights_meta = json.loads(meta["mnq_search"])
         elif not random_weights:
-            raise UsageError(f"no weights for zoo model {name!r}: run 'mnq-search pretrain {name}' "
-                             f"or pass --checkpoint PATH")
+            raise missing_weights(name)
         else:
             info.checkpoint = None
         return model.eval(), info

@@ -362,14 +362,13 @@ def tables_of(spec_path: str | Path, models: list[str] | None = None) -> Path:
 def check_models(spec: StudySpec, models: list[str] | None) -> list[str]:
     """The spec's models to run (``models``: a subset, in the spec's order), each checked to have
     weights (a zoo model's shipped file or the spec's ``[run] checkpoint``) before any cell runs."""
-    from .zoo import default_weights_path, list_zoo
+    from .zoo import default_weights_path, list_zoo, missing_weights
 
     chosen = _chosen_models(spec, models)
     if spec.run.get("checkpoint") is None:
         for m in chosen:
             if m in list_zoo() and not default_weights_path(m).is_file():
-                raise UsageError(f"no weights for zoo model {m!r} of {spec.path}: run 'mnq-search pretrain {m}' "
-                                 f"first, or leave it out with --models")
+                raise missing_weights(m, f" of {spec.path}", "leave it out with --models")
     return chosen
 
 

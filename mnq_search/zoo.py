@@ -21,7 +21,7 @@ from typing import Any
 import timm
 import torch
 
-from .errors import unknown_choice
+from .errors import UsageError, unknown_choice
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,13 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 def default_weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def missing_weights(name: str, what: str = "", fix: str = "pass --checkpoint PATH") -> UsageError:
+    """The one-line error for a zoo model without its weights file; ``what`` says where the name
+    came from (e.g. " of studies/x.toml"), ``fix`` is the second way out besides pretraining it."""
+    return UsageError(f"no weights for zoo model {name!r}{what}: run 'mnq-search pretrain {name}' "
+                      f"first, or {fix}")
 
 
 def shipped_record(name: str) -> dict | None:

@@ -98,3 +98,18 @@ def test_checkpoint_header_names_the_converted_slots(name, tmp_path):
     save_weights(model, path)
     assert checkpoint_slots(path) == convert_model(model).slot_ops()
     assert checkpoint_slots(tmp_path / "m.pth") is None
+
+
+def test_a_zoo_model_without_weights_is_a_one_line_error_naming_both_ways_out():
+    from mnq_search.errors import UsageError
+    from mnq_search.models import load_model
+
+    assert shipped_record("fmnist-vit-small") is None  # a zoo entry whose weights are not shipped
+    with pytest.raises(UsageError) as err:
+        load_model("fmnist-vit-small")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg == ("no weights for zoo model 'fmnist-vit-small': run 'mnq-search pretrain fmnist-vit-small' "
+                   "first, or pass --checkpoint PATH")
+    model, info = load_model("fmnist-vit-small", random_weights=True)  # speed runs need no weights
+    assert info.checkpoint is None and model.num_classes == 10
