@@ -12,10 +12,19 @@ and seed (the assignment: ``--assignment``, by default the best uniform assignme
 The training set is a fixed ``--train-images`` subset of the train split (the rest held out, the
 validation split included), so that a CPU can afford the four runs; top-1 on all 10,000 test images,
 paired against ``plain`` (bootstrap interval, exact McNemar, Holm across the table). Resumable: a
-finished cell (its result.json) is skipped. Writes studies/results/vvtq_qat.csv,
-benchmarks/results/vvtq_qat.md and docs/report-default/vvtq_oscillation.png.
+finished cell (its result.json) is skipped.
 
-Usage: python benchmarks/vvtq_qat.py --assignment A.json [--bits 4] [--epochs 3] [--train-images 6400]
+The setting: ``--bits`` (the model's, 4..8), ``--nl-bits`` (the non-linear slots', default ``--bits``)
+and ``--layer-bits`` (every weight layer at that width, 2..8, for W3A3 and below, where the model-wide
+``--bits`` stops). Without ``--assignment`` the cells train the best uniform family at the setting,
+chosen by validation KL to the float logits (written to the work folder as ``assignment.json``).
+
+Writes studies/results/vvtq_qat{TAG}.csv, benchmarks/results/vvtq_qat{TAG}.md and
+docs/report-default/vvtq_oscillation{TAG}.png, where TAG is empty for W4A4 with non-linear 4 bits and
+``_w{L}a{L}_nl{N}`` otherwise.
+
+Usage: python benchmarks/vvtq_qat.py [--assignment A.json] [--bits 4] [--nl-bits 6] [--layer-bits 3]
+       [--epochs 3] [--train-images 6400]
 """
 
 from __future__ import annotations
@@ -54,12 +63,48 @@ def cells(args) -> dict[str, dict]:
     }
 
 
+def tag(args) -> str:
+    """The output-name suffix of a setting: empty for the first one measured (W4A4, non-linear 4 bits)."""
+    w = args.layer_bits or args.bits
+    nl = args.nl_bits or args.bits
+    return "" if (w, nl) == (4, 4) else f"_w{w}a{w}_nl{nl}"
+
+
+def setting_text(args) -> str:
+    w = args.layer_bits or args.bits
+    return f"W{w}A{w} (non-linear slots at {args.nl_bits or args.bits} bits)"
+
+
+def best_uniform_assignment(args, work: Path) -> str:
+    """The best uniform family at the setting by validation KL (1,000 validation images), saved with
+    the setting's layer bits as ``work/assignment.json``; returns its path."""
+    path = work / "assignment.json"
+    if path.is_file():
+        return str(path)
+    from mnq_search.incremental import evaluator_for
+    from mnq_search.methods import uniform_assignment
+    from mnq_search.mixprec import layer_bits
+    from mnq_search.pipeline._build import open_run
+    from mnq_search.plan import save_assignment
+    from mnq_search.slot import bits_key
+
+    ctx = open_run(RunSettings(bits=args.bits, nl_bits=args.nl_bits, val_size=1000, progress=False), validation=1000)
+    extra = {bits_key(layer): args.layer_bits for layer in layer_bits(ctx.qmodel)} if args.layer_bits else {}
+    ev = evaluator_for(ctx)
+    kls = {f: ev.score({**uniform_assignment(f, ctx.slot_ops), **extra}) for f in ctx.families}
+    family = min(kls, key=kls.get)
+    save_assignment(path, {**uniform_assignment(family, ctx.slot_ops), **extra}, model=ctx.info.name,
+                    bits=args.bits, nl_bits=args.nl_bits or args.bits, fine_grid=False, strategy=f"uniform:{family}",
+                    selection={"split": "validation (1000 images)", "val_kl": kls})
+    return str(path)
+
+
 def run_cell(name: str, changes: dict, args) -> dict:
     out = Path(args.work) / name.strip("+")
     if not (out / "result.json").is_file():
         qcfg = QATConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=0,
                          holdout=TRAIN_TOTAL - args.train_images, **changes)
-        settings = RunSettings(bits=args.bits, eval_size=None, record_images=True, val_eval_size=1000,
+        settings = RunSettings(bits=args.bits, nl_bits=args.nl_bits, eval_size=None, record_images=True, val_eval_size=1000,
                                progress=not args.quiet).validate()
         qat_job(args.assignment, settings, qcfg, out=str(out), bits_given=True)
     rec = json.loads((out / "result.json").read_text())
@@ -71,29 +116,38 @@ def run_cell(name: str, changes: dict, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--assignment", required=True, help="the assignment file to train (e.g. the best uniform one)")
+    ap.add_argument("--assignment", help="the assignment file to train (default: the best uniform one at the setting)")
     ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--nl-bits", type=int, help="the non-linear slots' bit-width (default: --bits)")
+    ap.add_argument("--layer-bits", type=int, help="every weight layer at this bit-width (2..8; e.g. 3 for W3A3)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-images", type=int, default=6400)
     ap.add_argument("--crops", type=int, default=4)
     ap.add_argument("--strength", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--work", default=str(ROOT / "studies" / "work" / "vvtq_qat"))
+    ap.add_argument("--work", help="the cells' folder (default: studies/cells/vvtq_qat/w{L}a{L}-nl{N})")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
-    if not Path(args.assignment).is_file():
+    if args.assignment and not Path(args.assignment).is_file():
         ap.error(f"--assignment {args.assignment}: not found")
+    if not 4 <= args.bits <= 8 or (args.nl_bits is not None and not 4 <= args.nl_bits <= 8):
+        ap.error("--bits and --nl-bits must be in 4..8 (below 4 bits: --layer-bits)")
+    if args.layer_bits is not None and not 2 <= args.layer_bits <= 8:
+        ap.error("--layer-bits must be in 2..8")
     if not 0 < args.train_images <= TRAIN_TOTAL - 5000:
         ap.error(f"--train-images must be in 1..{TRAIN_TOTAL - 5000} (the validation split stays out)")
+    w = args.layer_bits or args.bits
+    args.work = args.work or str(ROOT / "studies" / "cells" / "vvtq_qat" / f"w{w}a{w}-nl{args.nl_bits or args.bits}")
     Path(args.work).mkdir(parents=True, exist_ok=True)
+    args.assignment = args.assignment or best_uniform_assignment(args, Path(args.work))
     rows = [run_cell(n, c, args) for n, c in cells(args).items()]
     base = rows[0]
     for r in rows[1:]:
         r["cmp"] = paired_comparison(r["correct"], base["correct"])
     holm_adjust([r["cmp"] for r in rows[1:]])
     _write(rows, args)
-    _plot(rows)
+    _plot(rows, args)
 
 
 def _osc(rec: dict) -> list[tuple[int, float]]:
@@ -102,14 +156,15 @@ def _osc(rec: dict) -> list[tuple[int, float]]:
 
 def _write(rows, args) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["cell", "bits", "epochs", "train_images", "top1_ptq", "top1_qat", "top1_val",
+    w = csv.DictWriter(buf, fieldnames=["cell", "bits", "nl_bits", "weight_bits", "epochs", "train_images", "top1_ptq", "top1_qat", "top1_val",
                                         "osc_rate_last", "diff_vs_plain", "lo", "hi", "p_mcnemar", "p_holm",
                                         "qat_seconds"])
     w.writeheader()
     lines = [f"<!-- {_dt.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
-             f"python benchmarks/vvtq_qat.py --assignment {args.assignment} --bits {args.bits} --epochs {args.epochs} "
+             f"python benchmarks/vvtq_qat.py --assignment {_rel(args.assignment)} --bits {args.bits}{_flags(args)} "
+             f"--epochs {args.epochs} "
              f"--train-images {args.train_images} --crops {args.crops} --strength {args.strength} -->", "",
-             f"Default model, W{args.bits}A{args.bits} (non-linear slots at {args.bits} bits), QAT for {args.epochs} "
+             f"Default model, {setting_text(args)}, `{_strategy(args)}`, QAT for {args.epochs} "
              f"epochs on {args.train_images} training images (lr {args.lr}, batch {args.batch_size}, seed 0), top-1 "
              "on all 10,000 test images; Δ against `plain` (95 % paired bootstrap, exact McNemar, Holm).", "",
              "| cell | PTQ top-1 % | QAT top-1 % | oscillation rate, last epoch | Δ vs plain [95 % CI] | p (Holm) | QAT s |",
@@ -118,7 +173,8 @@ def _write(rows, args) -> None:
         c = r.get("cmp")
         osc = _osc(r)
         last = osc[-1][1] if osc else None
-        w.writerow({"cell": r["name"], "bits": args.bits, "epochs": args.epochs, "train_images": args.train_images,
+        w.writerow({"cell": r["name"], "bits": args.bits, "nl_bits": args.nl_bits or args.bits,
+                    "weight_bits": args.layer_bits or args.bits, "epochs": args.epochs, "train_images": args.train_images,
                     "top1_ptq": r["top1_ptq"], "top1_qat": r["top1_qat"], "top1_val": r.get("top1_val", ""),
                     "osc_rate_last": "" if last is None else f"{last:.5f}",
                     **comparison_columns(c, "diff_vs_plain"), "qat_seconds": r["qat_seconds"]})
@@ -126,13 +182,27 @@ def _write(rows, args) -> None:
         osc_text = "" if last is None else f"{last:.4f}"
         lines.append(f"| {r['name']} | {r['top1_ptq']:.2f} | {r['top1_qat']:.2f} | {osc_text} | {d} | {p} | "
                      f"{r['qat_seconds']:.0f} |")
-    atomic_write_text(ROOT / "studies" / "results" / "vvtq_qat.csv", buf.getvalue())
+    atomic_write_text(ROOT / "studies" / "results" / f"vvtq_qat{tag(args)}.csv", buf.getvalue())
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write_text(ROOT / "benchmarks" / "results" / "vvtq_qat.md", text)
+    atomic_write_text(ROOT / "benchmarks" / "results" / f"vvtq_qat{tag(args)}.md", text)
 
 
-def _plot(rows) -> None:
+def _rel(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
+def _flags(args) -> str:
+    return "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("nl_bits", args.nl_bits), ("layer_bits", args.layer_bits))
+                   if v is not None)
+
+
+def _strategy(args) -> str:
+    return json.loads(Path(args.assignment).read_text()).get("strategy") or Path(args.assignment).name
+
+
+def _plot(rows, args) -> None:
     from matplotlib.ticker import MaxNLocator
 
     from mnq_search.report._style import new_figure, save_png
@@ -146,10 +216,10 @@ def _plot(rows) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("oscillation rate (weights that flipped)")
-    ax.set_title("VVTQ ablation: weight oscillation per epoch", fontsize=9)
+    ax.set_title(f"VVTQ ablation, {setting_text(args)}: weight oscillation per epoch", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    save_png(fig, ROOT / "docs" / "report-default" / "vvtq_oscillation.png")
+    save_png(fig, ROOT / "docs" / "report-default" / f"vvtq_oscillation{tag(args)}.png")
 
 
 if __name__ == "__main__":
