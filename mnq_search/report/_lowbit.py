@@ -68,7 +68,9 @@ def plot_bits_heatmap(layer_bits: Mapping[str, int | str], title: str) -> Figure
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, ticks=range(int(lo), int(hi) + 1), label="weight bits; a Softmax or GELU slot's: its input's (text: w/a where inputs differ)")
+    ax.set_xlabel("text: bits of weights and inputs, w/a where they differ; Softmax and GELU slots: their input's",
+                  fontsize=7)
+    fig.colorbar(im, ax=ax, ticks=range(int(lo), int(hi) + 1), label="bits (weights)")
     return fig
 
 
