@@ -135,6 +135,8 @@ def main() -> None:
         ap.error("--bits and --nl-bits must be in 4..8 (below 4 bits: --layer-bits)")
     if args.layer_bits is not None and not 2 <= args.layer_bits <= 8:
         ap.error("--layer-bits must be in 2..8")
+    if args.layer_bits is not None and args.assignment:
+        ap.error("--layer-bits builds the uniform assignment; an --assignment file carries its own layer_bits")
     if not 0 < args.train_images <= TRAIN_TOTAL - 5000:
         ap.error(f"--train-images must be in 1..{TRAIN_TOTAL - 5000} (the validation split stays out)")
     w = args.layer_bits or args.bits
