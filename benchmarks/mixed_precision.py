@@ -53,9 +53,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mnq_search.context import RunSettings  # noqa: E402
-from mnq_search.incremental import evaluator_for  # noqa: E402
+from mnq_search.incremental import evaluator_for, uniform_kls  # noqa: E402
 from mnq_search.io import atomic_write_text  # noqa: E402
-from mnq_search.methods import uniform_assignment  # noqa: E402
 from mnq_search.pipeline import run  # noqa: E402
 from mnq_search.pipeline._build import open_run  # noqa: E402
 from mnq_search.stats import comparison_cells, comparison_columns, holm_adjust, paired_comparison, unpack  # noqa: E402
@@ -67,8 +66,7 @@ def best_uniform_family(bits: int, val_size: int, work: Path) -> str:
     if path.is_file():
         return json.loads(path.read_text())["family"]
     ctx = open_run(RunSettings(bits=bits, val_size=val_size, progress=False), validation=val_size)
-    ev = evaluator_for(ctx)
-    kls = {f: ev.score(uniform_assignment(f, ctx.slot_ops)) for f in ctx.families}
+    kls = uniform_kls(evaluator_for(ctx), ctx)
     family = min(kls, key=kls.get)
     atomic_write_text(path, json.dumps({"family": family, "val_kl": kls}, indent=1))
     return family

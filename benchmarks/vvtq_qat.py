@@ -81,7 +81,7 @@ def best_uniform_assignment(args, work: Path) -> str:
     path = work / "assignment.json"
     if path.is_file():
         return str(path)
-    from mnq_search.incremental import evaluator_for
+    from mnq_search.incremental import evaluator_for, uniform_kls
     from mnq_search.methods import uniform_assignment
     from mnq_search.mixprec import layer_bits
     from mnq_search.pipeline._build import open_run
@@ -89,10 +89,10 @@ def best_uniform_assignment(args, work: Path) -> str:
     from mnq_search.slot import bits_key
 
     ctx = open_run(RunSettings(bits=args.bits, nl_bits=args.nl_bits, val_size=1000, progress=False), validation=1000)
-    extra = {bits_key(layer): args.layer_bits for layer in layer_bits(ctx.qmodel)} if args.layer_bits else {}
-    ev = evaluator_for(ctx)
-    kls = {f: ev.score({**uniform_assignment(f, ctx.slot_ops), **extra}) for f in ctx.families}
+    layers = list(layer_bits(ctx.qmodel)) if args.layer_bits else []
+    kls = uniform_kls(evaluator_for(ctx), ctx, bits={layer: (args.layer_bits,) * 2 for layer in layers})
     family = min(kls, key=kls.get)
+    extra = {bits_key(layer): args.layer_bits for layer in layers}
     save_assignment(path, {**uniform_assignment(family, ctx.slot_ops), **extra}, model=ctx.info.name,
                     bits=args.bits, nl_bits=args.nl_bits or args.bits, fine_grid=False, strategy=f"uniform:{family}",
                     selection={"split": "validation (1000 images)", "val_kl": kls})

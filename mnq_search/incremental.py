@@ -197,3 +197,12 @@ def evaluator_for(ctx) -> IncrementalEvaluator:
     calib = [x for x, _ in ctx.calib_batches()]
     val = [x for x, _ in ctx.validation_batches(ctx.settings.val_size)]
     return IncrementalEvaluator(ctx.qmodel, ctx.model, calib, val, ctx.device)
+
+
+def uniform_kls(ev: IncrementalEvaluator, ctx, **score_kwargs) -> dict[str, float]:
+    """The validation KL of each family's uniform assignment on the run's slots, in ``ctx.families``
+    order (``score_kwargs``: the weight-layer ``bits`` or ``groups`` every one is scored at, as
+    :meth:`IncrementalEvaluator.score` takes them); the best uniform family is its minimum."""
+    from .methods import uniform_assignment
+
+    return {f: ev.score(uniform_assignment(f, ctx.slot_ops), **score_kwargs) for f in ctx.families}

@@ -29,7 +29,7 @@ import itertools
 import time
 
 from mnq_search.context import RunContext
-from mnq_search.incremental import evaluator_for
+from mnq_search.incremental import evaluator_for, uniform_kls
 from mnq_search.methods import OPS, list_families, uniform_assignment
 from mnq_search.slot import split_param_key
 from mnq_search.space import SearchSpace, Variable
@@ -65,13 +65,9 @@ class _ValidationStrategy(Strategy):
         return settings.val_size
 
     def best_uniform(self, ev, ctx: RunContext) -> tuple[dict[str, str], float, str]:
-        best = None
-        for family in ctx.families:
-            a = uniform_assignment(family, ctx.slot_ops)
-            kl = ev.score(a)
-            if best is None or kl < best[1]:
-                best = (a, kl, family)
-        return best
+        kls = uniform_kls(ev, ctx)
+        family = min(kls, key=kls.get)
+        return uniform_assignment(family, ctx.slot_ops), kls[family], family
 
     def result(self, ctx: RunContext, assignment: dict[str, str]) -> StrategyResult:
         return StrategyResult(assignment, search=self.info)
