@@ -65,14 +65,12 @@ def cells(args) -> dict[str, dict]:
 
 def tag(args) -> str:
     """The output-name suffix of a setting: empty for the first one measured (W4A4, non-linear 4 bits)."""
-    w = args.layer_bits or args.bits
-    nl = args.nl_bits or args.bits
+    w, nl = args.weight_bits, args.slot_bits
     return "" if (w, nl) == (4, 4) else f"_w{w}a{w}_nl{nl}"
 
 
 def setting_text(args) -> str:
-    w = args.layer_bits or args.bits
-    return f"W{w}A{w} (non-linear slots at {args.nl_bits or args.bits} bits)"
+    return f"W{args.weight_bits}A{args.weight_bits} (non-linear slots at {args.slot_bits} bits)"
 
 
 def best_uniform_assignment(args, work: Path) -> str:
@@ -94,7 +92,7 @@ def best_uniform_assignment(args, work: Path) -> str:
     family = min(kls, key=kls.get)
     extra = {bits_key(layer): args.layer_bits for layer in layers}
     save_assignment(path, {**uniform_assignment(family, ctx.slot_ops), **extra}, model=ctx.info.name,
-                    bits=args.bits, nl_bits=args.nl_bits or args.bits, fine_grid=False, strategy=f"uniform:{family}",
+                    bits=args.bits, nl_bits=args.slot_bits, fine_grid=False, strategy=f"uniform:{family}",
                     selection={"split": "validation (1000 images)", "val_kl": kls})
     return str(path)
 
@@ -139,8 +137,9 @@ def main() -> None:
         ap.error("--layer-bits builds the uniform assignment; an --assignment file carries its own layer_bits")
     if not 0 < args.train_images <= TRAIN_TOTAL - 5000:
         ap.error(f"--train-images must be in 1..{TRAIN_TOTAL - 5000} (the validation split stays out)")
-    w = args.layer_bits or args.bits
-    args.work = args.work or str(ROOT / "studies" / "cells" / "vvtq_qat" / f"w{w}a{w}-nl{args.nl_bits or args.bits}")
+    args.weight_bits, args.slot_bits = args.layer_bits or args.bits, args.nl_bits or args.bits  # the setting
+    w = args.weight_bits
+    args.work = args.work or str(ROOT / "studies" / "cells" / "vvtq_qat" / f"w{w}a{w}-nl{args.slot_bits}")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     args.assignment = args.assignment or best_uniform_assignment(args, Path(args.work))
     rows = [run_cell(n, c, args) for n, c in cells(args).items()]
@@ -175,8 +174,8 @@ def _write(rows, args) -> None:
         c = r.get("cmp")
         osc = _osc(r)
         last = osc[-1][1] if osc else None
-        w.writerow({"cell": r["name"], "bits": args.bits, "nl_bits": args.nl_bits or args.bits,
-                    "weight_bits": args.layer_bits or args.bits, "epochs": args.epochs, "train_images": args.train_images,
+        w.writerow({"cell": r["name"], "bits": args.bits, "nl_bits": args.slot_bits,
+                    "weight_bits": args.weight_bits, "epochs": args.epochs, "train_images": args.train_images,
                     "top1_ptq": r["top1_ptq"], "top1_qat": r["top1_qat"], "top1_val": r.get("top1_val", ""),
                     "osc_rate_last": "" if last is None else f"{last:.5f}",
                     **comparison_columns(c, "diff_vs_plain"), "qat_seconds": r["qat_seconds"]})
