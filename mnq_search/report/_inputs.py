@@ -62,8 +62,20 @@ class Folder:
 
     @property
     def bits(self) -> int | None:
-        bits = self._meta("bits")
+        """The model-wide bit-width, or the one width every weight layer runs at when the assignment's
+        per-layer bits (``layer_bits``) set them all alike (a W3A3 run below the model-wide 4)."""
+        same = _same_layer_bits((self.assignment or {}).get("layer_bits") or self.result.get("layer_bits"))
+        bits = same if same is not None else self._meta("bits")
         return int(bits) if bits is not None else None
+
+    @property
+    def qat_variant(self) -> str:
+        """What a QAT folder's recipe adds to plain QAT (``""`` for plain): ``distill``, ``multicrop``,
+        ``lsq``, ``reg`` (the variation-aware regulariser), joined by ``+``."""
+        q = self.result.get("qat") or {}
+        parts = [name for name, on in (("distill", q.get("distill")), ("multicrop", q.get("multicrop")),
+                                       ("lsq", q.get("vvtq_lsq")), ("reg", q.get("vvtq_strength"))) if on]
+        return "+".join(parts)
 
     @property
     def strategy(self) -> str:
@@ -80,6 +92,26 @@ class Folder:
         data = self.assignment or {}
         slots = data.get("slots", data if all(isinstance(v, str) for v in data.values()) else None)
         return {str(k): v for k, v in slots.items() if isinstance(v, str)} if isinstance(slots, dict) else {}
+
+
+def _same_layer_bits(layer_bits: Any) -> int | None:
+    """The one bit-width of per-layer bits that are all alike with weights and activations equal, else
+    None. Reads an assignment's ``{layer: 3}`` or ``{layer: "w3a3"}`` and a result's ``{"layers":
+    {layer: [3, 3]}}``."""
+    if isinstance(layer_bits, dict) and isinstance(layer_bits.get("layers"), dict):
+        layer_bits = layer_bits["layers"]
+    if not isinstance(layer_bits, dict) or not layer_bits:
+        return None
+    widths = set()
+    for value in layer_bits.values():
+        if isinstance(value, str) and value.lower().startswith("w") and "a" in value.lower():
+            value = value.lower()[1:].split("a")
+        pair = list(value) if isinstance(value, (list, tuple)) else [value, value]
+        try:
+            widths.update(int(v) for v in pair)
+        except (TypeError, ValueError):
+            return None
+    return widths.pop() if len(widths) == 1 else None
 
 
 @dataclass

@@ -133,9 +133,11 @@ def folder_records(folder: Folder) -> list[dict[str, Any]]:
     r, model, bits, strategy = folder.result, folder.model, folder.bits, folder.strategy
     recs = [_record(model, FP_BITS, FULL_PRECISION, 0, r.get("top1_fp"))]
     if folder.is_qat:
+        # plain QAT and each recipe variant of one assignment are separate rows (their PTQ is one)
+        trained = f"{strategy} (QAT +{folder.qat_variant})" if folder.qat_variant else strategy
         curve = top1_per_epoch(folder.history or [])[1]
         final = r.get("top1_qat", r.get("top1_quant") if r.get("qat_epochs") else None)
-        recs.append(_record(model, bits, strategy, _qat_epochs(folder), final if final is not None
+        recs.append(_record(model, bits, trained, _qat_epochs(folder), final if final is not None
                             else (curve[-1] if curve else None)))
         recs.append(_record(model, bits, strategy, 0, r.get("top1_ptq")))
     else:
