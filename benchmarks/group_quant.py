@@ -45,9 +45,9 @@ import torch  # noqa: E402
 from mnq_search import groups as G  # noqa: E402
 from mnq_search.calibrate import calibrate, evaluate  # noqa: E402
 from mnq_search.context import RunSettings  # noqa: E402
-from mnq_search.incremental import evaluator_for  # noqa: E402
+from mnq_search.incremental import evaluator_for, uniform_kls  # noqa: E402
 from mnq_search.io import atomic_write_text  # noqa: E402
-from mnq_search.methods import list_families  # noqa: E402
+from mnq_search.methods import uniform_assignment  # noqa: E402
 from mnq_search.pipeline._build import open_run  # noqa: E402
 from mnq_search.plan import counts, save_assignment  # noqa: E402
 from mnq_search.slot import groups_key  # noqa: E402
@@ -89,14 +89,10 @@ class Bench:
         return value
 
     def assignments(self) -> dict[str, dict]:
-        def best_uniform():
-            kls = {}
-            for fam in list_families():
-                a = get_strategy(f"uniform:{fam}").select(self.ctx)
-                kls[fam] = self.evaluator.score(a, groups={n: 1 for n in self.shapes})
+        def best_uniform():  # every family per tensor (groups at 1), as the other benchmarks choose it
+            kls = uniform_kls(self.evaluator, self.ctx, groups={n: 1 for n in self.shapes})
             fam = min(kls, key=kls.get)
-            return {"name": f"uniform:{fam}", "assignment": get_strategy(f"uniform:{fam}").select(self.ctx),
-                    "val_kl": kls}
+            return {"name": f"uniform:{fam}", "assignment": uniform_assignment(fam, self.ctx.slot_ops), "val_kl": kls}
 
         def mixed():
             t = time.perf_counter()
