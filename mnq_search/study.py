@@ -55,6 +55,14 @@ GREEDY = ("sqnr_output", "sqnr_diff", "sqnr_gain", "sqnr_diff_abs")
 QAT_SELECT = ("best_uniform", "best_greedy", "best_search")
 
 
+def strategy_kind(strategy: str) -> str:
+    """``uniform``, ``greedy`` (the SQNR rules), ``float``, or ``search`` (every other strategy:
+    sequential, coordinate, per_op, Optuna, random): the QAT phase's and the summary's categories."""
+    if strategy == "float":
+        return "float"
+    return "uniform" if strategy.startswith("uniform:") else "greedy" if strategy in GREEDY else "search"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of a study. ``bits`` is the linear layers' width (32 for the float model), ``nl_bits``
@@ -328,11 +336,9 @@ def qat_cells(spec: StudySpec, done: dict[str, dict]) -> list[Cell]:
     for setting, cells in by_setting.items():
         if not all(c.id in done for c in cells):
             continue
-        kinds = {"best_uniform": [c for c in cells if c.strategy.startswith("uniform:")],
-                 "best_greedy": [c for c in cells if c.strategy in GREEDY],
-                 "best_search": [c for c in cells if not c.strategy.startswith("uniform:") and c.strategy not in GREEDY]}
         for kind in select:
-            cands = [c for c in kinds[kind] if done[c.id].get("top1_val") is not None]
+            cands = [c for c in cells if f"best_{strategy_kind(c.strategy)}" == kind
+                     and done[c.id].get("top1_val") is not None]
             if not cands:
                 continue
             best = max(cands, key=lambda c: (done[c.id]["top1_val"], -cands.index(c)))

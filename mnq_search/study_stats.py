@@ -14,8 +14,9 @@ Holm's correction runs across every comparison of the table. On the accuracy x c
 more cost, and better in one of the two; this is reported per cost table (the families' integer
 operation counts, and each table of the spec's ``cost_tables``).
 
-Outputs: ``<results_dir>/<name>_stats.csv`` (one row per comparison) and ``<name>.png`` (per
-setting, each strategy's difference to the best uniform method with its interval).
+Outputs: ``<results_dir>/<name>_stats.csv`` (one row per comparison), ``<name>.png`` (per
+setting, each strategy's difference to the best uniform method with its interval) and
+``<name>_summary.csv`` / ``.md`` (one line per setting: :mod:`mnq_search.study_summary`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from .io import atomic_write_text, csv_text
 from .stats import holm, paired_comparison, unpack
+from .study_summary import write_summary
 
 STATS_FIELDS = ("model", "bits", "nl_bits", "regime", "seed", "strategy", "baseline", "top1", "top1_baseline",
                 "top1_val", "top1_val_baseline", "diff", "lo", "hi", "p", "p_holm", "a_only", "b_only", "n")
@@ -88,6 +90,7 @@ def write_statistics(spec, rows: list[dict]) -> Path | None:
     path = Path(spec.results_dir) / f"{spec.name}_stats.csv"
     atomic_write_text(path, csv_text(STATS_FIELDS + tuple(extra), table))
     figure(spec, table)
+    write_summary(spec, table, rows)
     return path
 
 

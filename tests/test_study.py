@@ -145,6 +145,11 @@ select = ["best_uniform", "best_search"]
     for r in stats:
         assert float(r["lo"]) <= float(r["diff"]) <= float(r["hi"]) and 0 <= float(r["p"]) <= float(r["p_holm"]) <= 1
     assert (s.results_dir / "grouped.png").stat().st_size > 2000
+    (line,) = list(csv.DictReader((s.results_dir / "grouped_summary.csv").open()))
+    ptq = [r for r in rows if r["regime"] == "ptq" and not r["strategy"].startswith("uniform:")]
+    assert line["uniform"] == base["strategy"] and line["search"].split(" (seed")[0] == max(
+        ptq, key=lambda r: float(r["top1_val"]))["strategy"]
+    assert line["greedy"] == "" and line["qat_uniform"] and line["verdict"] in ("wins", "loses", "within noise")
     n_before = len(calls)
     run_study(path, progress=False)  # everything finished: nothing runs
     assert len(calls) == n_before
@@ -191,3 +196,31 @@ batch_size = 20
     assert part.read_text() == (tmp_path / "results" / "two.csv").read_text()
     md = part.with_suffix(".md").read_text()
     assert "--models fmnist-deit-tiny`): a part of the study `two`" in md and "## fmnist-vit-deep" not in md
+
+
+def test_summary_selects_greedy_and_search_on_validation_and_reports_test():
+    """One line per setting: the best greedy rule and the best search are the ones with the highest
+    *validation* top-1, even where another has the higher test top-1; the verdict follows Holm."""
+    from mnq_search.study_summary import markdown, summary_rows, verdict
+
+    def stat(strategy, top1, val, diff, p_holm, regime="ptq", seed=None):
+        return {"model": "m", "bits": 8, "nl_bits": 4, "regime": regime, "seed": seed, "strategy": strategy,
+                "baseline": "uniform:ibert", "top1": top1, "top1_baseline": 70.0, "top1_val": val, "diff": diff,
+                "lo": diff - 1, "hi": diff + 1, "p_holm": p_holm}
+
+    stats = [stat("uniform:ivit", 60.0, 59.0, -10.0, 1e-9), stat("sqnr_output", 75.0, 74.0, 5.0, 1e-6),
+             stat("sqnr_diff", 40.0, 41.0, -30.0, 1e-9), stat("sqnr_gain", 77.0, 73.0, 7.0, 1e-7),
+             stat("random", 79.0, 70.5, 9.0, 1e-8, seed=3), stat("sequential", 78.0, 77.5, 8.0, 1e-8),
+             stat("coordinate", 78.5, 77.5, 8.5, 1e-8),
+             stat("sqnr_output", 80.0, 79.0, 1.5, 0.2, regime="qat", seed=0) | {"top1_baseline": 78.5},
+             stat("sequential", 81.0, 80.0, 2.5, 0.01, regime="qat", seed=0) | {"top1_baseline": 78.5}]
+    rows = [{"model": "m", "strategy": "float", "regime": "float", "top1": 82.0}]
+    (line,) = summary_rows(stats, rows)
+    assert (line["float"], line["uniform"], line["top1_uniform"]) == (82.0, "uniform:ibert", 70.0)
+    assert (line["greedy"], line["diff_greedy"]) == ("sqnr_output", 5.0)  # not sqnr_gain: lower on validation
+    assert (line["search"], line["diff_search"]) == ("sequential", 8.0)  # tie on validation: the earlier one
+    assert (line["diff_paper_rule"], line["qat_uniform"]) == (-30.0, 78.5)
+    assert (line["qat_diff_greedy"], line["qat_diff_search"], line["verdict"]) == (1.5, 2.5, "wins")
+    assert "| m | 8 / 4 | 82.00 | uniform:ibert 70.00 | sqnr_output 75.00 (+5.00 [+4.00, +6.00], p < 0.0001) |" \
+        in markdown([line], "s")
+    assert [verdict(0.3, 0.2), verdict(-1.0, 0.01), verdict(None, None)] == ["within noise", "loses", "not measured"]

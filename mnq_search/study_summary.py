@@ -1,0 +1,118 @@
+"""One line per setting of a recorded study (issue 17): does mixing win here?
+
+From the paired statistics (:mod:`mnq_search.study_stats`), per (model, linear bits, non-linear
+bits): the float model, the best uniform method, and the best greedy rule and the best searched
+assignment, each *selected by validation top-1* (the same choice the QAT phase makes; test top-1
+never selects) and reported on the test set with its paired difference to the best uniform
+method, 95 % interval and Holm-adjusted p. The paper's rule as printed (``sqnr_diff``) gets its own
+column, and the QAT phase its own where it ran.
+
+Outputs: ``<results_dir>/<name>_summary.csv`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .io import atomic_write_text, csv_text
+
+PAPER_RULE = "sqnr_diff"
+SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform",
+                  "greedy", "top1_greedy", "diff_greedy", "lo_greedy", "hi_greedy", "p_holm_greedy",
+                  "search", "top1_search", "diff_search", "lo_search", "hi_search", "p_holm_search",
+                  "diff_paper_rule", "lo_paper_rule", "hi_paper_rule", "p_holm_paper_rule",
+                  "qat_uniform", "qat_diff_greedy", "qat_diff_search", "verdict")
+
+
+def _best(rows: list[dict], kind: str) -> dict | None:
+    """The row of ``kind`` with the highest validation top-1 (ties: the earlier row)."""
+    from .study import strategy_kind
+
+    cands = [r for r in rows if strategy_kind(r["strategy"]) == kind and r.get("top1_val") is not None]
+    return max(cands, key=lambda r: (r["top1_val"], -cands.index(r))) if cands else None
+
+
+def _label(r: dict) -> str:
+    return r["strategy"] + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
+
+
+def verdict(diff: float | None, p_holm: float | None, alpha: float = 0.05) -> str:
+    """``wins`` / ``loses`` (Holm-adjusted p below ``alpha``) or ``within noise``."""
+    if diff is None or p_holm is None:
+        return "not measured"
+    return "within noise" if p_holm >= alpha else "wins" if diff > 0 else "loses"
+
+
+def summary_rows(stats: list[dict], rows: list[dict]) -> list[dict]:
+    """``stats``: the rows of ``<name>_stats.csv``; ``rows``: the study's finished cells (for the
+    float model's top-1)."""
+    out = []
+    settings = list(dict.fromkeys((r["model"], r["bits"], r["nl_bits"]) for r in stats))
+    for model, bits, nl in settings:
+        here = [r for r in stats if (r["model"], r["bits"], r["nl_bits"]) == (model, bits, nl)]
+        ptq = [r for r in here if r["regime"] == "ptq"]
+        fp = next((r["top1"] for r in rows if r["model"] == model and r["strategy"] == "float"
+                   and r.get("regime") != "qat"), None)
+        line = {"model": model, "bits": bits, "nl_bits": nl, "float": fp,
+                "uniform": ptq[0]["baseline"] if ptq else None, "top1_uniform": ptq[0]["top1_baseline"] if ptq else None}
+        for kind in ("greedy", "search"):
+            best = _best(ptq, kind)
+            if best is not None:
+                line.update({kind: _label(best), f"top1_{kind}": best["top1"], f"diff_{kind}": best["diff"],
+                             f"lo_{kind}": best["lo"], f"hi_{kind}": best["hi"], f"p_holm_{kind}": best["p_holm"]})
+        paper = next((r for r in ptq if r["strategy"] == PAPER_RULE), None)
+        if paper is not None:
+            line.update({f"{k}_paper_rule": paper[k] for k in ("diff", "lo", "hi", "p_holm")})
+        qat = [r for r in here if r["regime"] == "qat"]
+        if qat:
+            line["qat_uniform"] = qat[0]["top1_baseline"]
+            for kind in ("greedy", "search"):
+                r = next((q for q in qat if line.get(kind) and q["strategy"] == line[kind].split(" (seed")[0]), None)
+                if r is not None:
+                    line[f"qat_diff_{kind}"] = r["diff"]
+        line["verdict"] = verdict(line.get("diff_search"), line.get("p_holm_search"))
+        out.append(line)
+    return out
+
+
+def _num(v, fmt: str = "{:+.2f}") -> str:
+    return "" if v is None or v == "" else fmt.format(float(v))
+
+
+def _diff(line: dict, key: str) -> str:
+    d = line.get(f"diff_{key}")
+    if d is None:
+        return ""
+    p = float(line[f"p_holm_{key}"])
+    return f"{_num(d)} [{_num(line[f'lo_{key}'])}, {_num(line[f'hi_{key}'])}], p {'< 0.0001' if p < 1e-4 else f'{p:.2g}'}"
+
+
+def markdown(lines: list[dict], name: str) -> str:
+    out = [f"# Does mixing win? Study `{name}`, one line per setting", "",
+           ("Selection on the validation split, top-1 (%) on the test set. Each difference is paired against "
+            "the best uniform method (chosen on validation): points [95 % bootstrap interval], exact McNemar p "
+            "Holm-adjusted across the study's comparisons. *Greedy*: the best SQNR rule on validation; "
+            "*search*: the best other strategy on validation (sequential, coordinate, per_op, Optuna, random); "
+            f"the paper's rule as printed is `{PAPER_RULE}`. The verdict is the search's."), "",
+           ("| model | linear / non-linear bits | float | best uniform | best greedy (Δ) | best search (Δ) "
+            "| paper's rule Δ | QAT phase: uniform, greedy Δ, search Δ | verdict |"),
+           "|---|---|---:|---|---|---|---|---|---|"]
+    for x in lines:
+        qat = (f"{float(x['qat_uniform']):.2f}, {_num(x.get('qat_diff_greedy'))}, {_num(x.get('qat_diff_search'))}"
+               if x.get("qat_uniform") is not None else "not run")
+        out.append(f"| {x['model']} | {x['bits']} / {x['nl_bits']} | {_num(x['float'], '{:.2f}')} "
+                   f"| {x['uniform']} {_num(x['top1_uniform'], '{:.2f}')} "
+                   f"| {x.get('greedy') or ''} {_num(x.get('top1_greedy'), '{:.2f}')} ({_diff(x, 'greedy')}) "
+                   f"| {x.get('search') or ''} {_num(x.get('top1_search'), '{:.2f}')} ({_diff(x, 'search')}) "
+                   f"| {_diff(x, 'paper_rule')} | {qat} | **{x['verdict']}** |")
+    return "\n".join(out) + "\n"
+
+
+def write_summary(spec, stats: list[dict], rows: list[dict]) -> Path | None:
+    lines = summary_rows(stats, rows)
+    if not lines:
+        return None
+    path = Path(spec.results_dir) / f"{spec.name}_summary.csv"
+    atomic_write_text(path, csv_text(SUMMARY_FIELDS, lines))
+    atomic_write_text(path.with_suffix(".md"), markdown(lines, spec.name))
+    return path
