@@ -21,7 +21,7 @@ SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform"
                   "greedy", "top1_greedy", "diff_greedy", "lo_greedy", "hi_greedy", "p_holm_greedy",
                   "search", "top1_search", "diff_search", "lo_search", "hi_search", "p_holm_search",
                   "diff_paper_rule", "lo_paper_rule", "hi_paper_rule", "p_holm_paper_rule",
-                  "qat_uniform", "qat_diff_greedy", "qat_diff_search", "verdict")
+                  "qat_uniform", "qat_diff_greedy", "qat_diff_search", "cells", "verdict")
 
 
 def _best(rows: list[dict], kind: str) -> dict | None:
@@ -43,9 +43,11 @@ def verdict(diff: float | None, p_holm: float | None, alpha: float = 0.05) -> st
     return "within noise" if p_holm >= alpha else "wins" if diff > 0 else "loses"
 
 
-def summary_rows(stats: list[dict], rows: list[dict]) -> list[dict]:
-    """``stats``: the rows of ``<name>_stats.csv``; ``rows``: the study's finished cells (for the
-    float model's top-1)."""
+def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] | None = None) -> list[dict]:
+    """``stats``: the rows of ``<name>_stats.csv``; ``rows``: the study's finished cells (the float
+    model's top-1, and how many PTQ cells of each setting are in); ``planned``: the spec's number of
+    PTQ cells per (model, bits, nl_bits). A setting with cells still missing says so in ``cells``
+    and its verdict is marked partial."""
     out = []
     settings = list(dict.fromkeys((r["model"], r["bits"], r["nl_bits"]) for r in stats))
     for model, bits, nl in settings:
@@ -71,6 +73,12 @@ def summary_rows(stats: list[dict], rows: list[dict]) -> list[dict]:
                 if r is not None:
                     line[f"qat_diff_{kind}"] = r["diff"]
         line["verdict"] = verdict(line.get("diff_search"), line.get("p_holm_search"))
+        n = len([r for r in rows if (r["model"], r.get("bits"), r.get("nl_bits")) == (model, bits, nl)
+                 and r.get("regime") == "ptq"])
+        total = (planned or {}).get((model, bits, nl))
+        line["cells"] = f"{n} of {total}" if total else str(n)
+        if total and n < total:
+            line["verdict"] += " (partial)"
         out.append(line)
     return out
 
@@ -91,12 +99,13 @@ def markdown(lines: list[dict], name: str) -> str:
     out = [f"# Does mixing win? Study `{name}`, one line per setting", "",
            ("Selection on the validation split, top-1 (%) on the test set. Each difference is paired against "
             "the best uniform method (chosen on validation): points [95 % bootstrap interval], exact McNemar p "
-            "Holm-adjusted across the study's comparisons. *Greedy*: the best SQNR rule on validation; "
+            "Holm-adjusted across the study's comparisons. *Cells*: the setting's finished PTQ cells of those "
+            "planned (a partial setting may still find a better assignment). *Greedy*: the best SQNR rule on validation; "
             "*search*: the best other strategy on validation (sequential, coordinate, per_op, Optuna, random); "
             f"the paper's rule as printed is `{PAPER_RULE}`. The verdict is the search's."), "",
            ("| model | linear / non-linear bits | float | best uniform | best greedy (Δ) | best search (Δ) "
-            "| paper's rule Δ | QAT phase: uniform, greedy Δ, search Δ | verdict |"),
-           "|---|---|---:|---|---|---|---|---|---|"]
+            "| paper's rule Δ | QAT phase: uniform, greedy Δ, search Δ | cells | verdict |"),
+           "|---|---|---:|---|---|---|---|---|---|---|"]
     for x in lines:
         qat = (f"{float(x['qat_uniform']):.2f}, {_num(x.get('qat_diff_greedy'))}, {_num(x.get('qat_diff_search'))}"
                if x.get("qat_uniform") is not None else "not run")
@@ -104,12 +113,16 @@ def markdown(lines: list[dict], name: str) -> str:
                    f"| {x['uniform']} {_num(x['top1_uniform'], '{:.2f}')} "
                    f"| {x.get('greedy') or ''} {_num(x.get('top1_greedy'), '{:.2f}')} ({_diff(x, 'greedy')}) "
                    f"| {x.get('search') or ''} {_num(x.get('top1_search'), '{:.2f}')} ({_diff(x, 'search')}) "
-                   f"| {_diff(x, 'paper_rule')} | {qat} | **{x['verdict']}** |")
+                   f"| {_diff(x, 'paper_rule')} | {qat} | {x['cells']} | **{x['verdict']}** |")
     return "\n".join(out) + "\n"
 
 
 def write_summary(spec, stats: list[dict], rows: list[dict]) -> Path | None:
-    lines = summary_rows(stats, rows)
+    planned: dict[tuple, int] = {}
+    for c in spec.cells():
+        if c.strategy != "float" and c.qat_epochs == 0:
+            planned[c.setting] = planned.get(c.setting, 0) + 1
+    lines = summary_rows(stats, rows, planned)
     if not lines:
         return None
     path = Path(spec.results_dir) / f"{spec.name}_summary.csv"

@@ -150,6 +150,7 @@ select = ["best_uniform", "best_search"]
     assert line["uniform"] == base["strategy"] and line["search"].split(" (seed")[0] == max(
         ptq, key=lambda r: float(r["top1_val"]))["strategy"]
     assert line["greedy"] == "" and line["qat_uniform"] and line["verdict"] in ("wins", "loses", "within noise")
+    assert line["cells"] == "5 of 5"
     n_before = len(calls)
     run_study(path, progress=False)  # everything finished: nothing runs
     assert len(calls) == n_before
@@ -214,13 +215,18 @@ def test_summary_selects_greedy_and_search_on_validation_and_reports_test():
              stat("coordinate", 78.5, 77.5, 8.5, 1e-8),
              stat("sqnr_output", 80.0, 79.0, 1.5, 0.2, regime="qat", seed=0) | {"top1_baseline": 78.5},
              stat("sequential", 81.0, 80.0, 2.5, 0.01, regime="qat", seed=0) | {"top1_baseline": 78.5}]
-    rows = [{"model": "m", "strategy": "float", "regime": "float", "top1": 82.0}]
-    (line,) = summary_rows(stats, rows)
+    rows = [{"model": "m", "strategy": "float", "regime": "float", "top1": 82.0}] + [
+        {"model": "m", "bits": 8, "nl_bits": 4, "regime": "ptq", "strategy": r["strategy"]} for r in stats[:7]]
+    rows.append({**rows[1], "strategy": "uniform:ibert"})
+    (line,) = summary_rows(stats, rows, {("m", 8, 4): 8})
     assert (line["float"], line["uniform"], line["top1_uniform"]) == (82.0, "uniform:ibert", 70.0)
     assert (line["greedy"], line["diff_greedy"]) == ("sqnr_output", 5.0)  # not sqnr_gain: lower on validation
     assert (line["search"], line["diff_search"]) == ("sequential", 8.0)  # tie on validation: the earlier one
     assert (line["diff_paper_rule"], line["qat_uniform"]) == (-30.0, 78.5)
     assert (line["qat_diff_greedy"], line["qat_diff_search"], line["verdict"]) == (1.5, 2.5, "wins")
+    assert line["cells"] == "8 of 8"
+    (partial,) = summary_rows(stats, rows, {("m", 8, 4): 9})
+    assert (partial["cells"], partial["verdict"]) == ("8 of 9", "wins (partial)")
     assert "| m | 8 / 4 | 82.00 | uniform:ibert 70.00 | sqnr_output 75.00 (+5.00 [+4.00, +6.00], p < 0.0001) |" \
         in markdown([line], "s")
     assert [verdict(0.3, 0.2), verdict(-1.0, 0.01), verdict(None, None)] == ["within noise", "loses", "not measured"]
