@@ -21,7 +21,8 @@ SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform"
                   "greedy", "top1_greedy", "diff_greedy", "lo_greedy", "hi_greedy", "p_holm_greedy",
                   "search", "top1_search", "diff_search", "lo_search", "hi_search", "p_holm_search",
                   "diff_paper_rule", "lo_paper_rule", "hi_paper_rule", "p_holm_paper_rule",
-                  "qat_uniform", "qat_diff_greedy", "qat_diff_search", "cells", "verdict")
+                  "qat_uniform", "qat_diff_greedy", "qat_lo_greedy", "qat_hi_greedy", "qat_p_holm_greedy",
+                  "qat_diff_search", "qat_lo_search", "qat_hi_search", "qat_p_holm_search", "cells", "verdict")
 
 
 def _best(rows: list[dict], kind: str) -> dict | None:
@@ -71,7 +72,7 @@ def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] 
             for kind in ("greedy", "search"):
                 r = next((q for q in qat if line.get(kind) and q["strategy"] == line[kind].split(" (seed")[0]), None)
                 if r is not None:
-                    line[f"qat_diff_{kind}"] = r["diff"]
+                    line.update({f"qat_{k}_{kind}": r[k] for k in ("diff", "lo", "hi", "p_holm")})
         line["verdict"] = verdict(line.get("diff_search"), line.get("p_holm_search"))
         n = len([r for r in rows if (r["model"], r.get("bits"), r.get("nl_bits")) == (model, bits, nl)
                  and r.get("regime") == "ptq"])
@@ -87,12 +88,13 @@ def _num(v, fmt: str = "{:+.2f}") -> str:
     return "" if v is None or v == "" else fmt.format(float(v))
 
 
-def _diff(line: dict, key: str) -> str:
-    d = line.get(f"diff_{key}")
+def _diff(line: dict, key: str, prefix: str = "") -> str:
+    d = line.get(f"{prefix}diff_{key}")
     if d is None:
         return ""
-    p = float(line[f"p_holm_{key}"])
-    return f"{_num(d)} [{_num(line[f'lo_{key}'])}, {_num(line[f'hi_{key}'])}], p {'< 0.0001' if p < 1e-4 else f'{p:.2g}'}"
+    p = float(line[f"{prefix}p_holm_{key}"])
+    lo, hi = _num(line[f"{prefix}lo_{key}"]), _num(line[f"{prefix}hi_{key}"])
+    return f"{_num(d)} [{lo}, {hi}], p {'< 0.0001' if p < 1e-4 else f'{p:.2g}'}"
 
 
 def markdown(lines: list[dict], name: str) -> str:
@@ -104,10 +106,10 @@ def markdown(lines: list[dict], name: str) -> str:
             "*search*: the best other strategy on validation (sequential, coordinate, per_op, Optuna, random); "
             f"the paper's rule as printed is `{PAPER_RULE}`. The verdict is the search's."), "",
            ("| model | linear / non-linear bits | float | best uniform | best greedy (Δ) | best search (Δ) "
-            "| paper's rule Δ | QAT phase: uniform, greedy Δ, search Δ | cells | verdict |"),
+            "| paper's rule Δ | QAT phase: uniform; greedy Δ; search Δ | cells | verdict |"),
            "|---|---|---:|---|---|---|---|---|---|---|"]
     for x in lines:
-        qat = (f"{float(x['qat_uniform']):.2f}, {_num(x.get('qat_diff_greedy'))}, {_num(x.get('qat_diff_search'))}"
+        qat = (f"{float(x['qat_uniform']):.2f}; {_diff(x, 'greedy', 'qat_')}; {_diff(x, 'search', 'qat_')}"
                if x.get("qat_uniform") is not None else "not run")
         out.append(f"| {x['model']} | {x['bits']} / {x['nl_bits']} | {_num(x['float'], '{:.2f}')} "
                    f"| {x['uniform']} {_num(x['top1_uniform'], '{:.2f}')} "
