@@ -55,6 +55,14 @@ GREEDY = ("sqnr_output", "sqnr_diff", "sqnr_gain", "sqnr_diff_abs")
 QAT_SELECT = ("best_uniform", "best_greedy", "best_search")
 
 
+def best_on_validation(items: list, top1_val=lambda r: r.get("top1_val")):
+    """The item with the highest validation top-1 (ties: the earliest; items without one are left
+    out; None when none has one): how a study chooses its best uniform, greedy and searched cells.
+    Test top-1 never selects."""
+    scored = [(top1_val(x), -i, x) for i, x in enumerate(items) if top1_val(x) is not None]
+    return max(scored, key=lambda t: t[:2])[2] if scored else None
+
+
 def strategy_kind(strategy: str) -> str:
     """``uniform``, ``greedy`` (the SQNR rules), ``float``, or ``search`` (every other strategy:
     sequential, coordinate, per_op, Optuna, random): the QAT phase's and the summary's categories."""
@@ -337,11 +345,10 @@ def qat_cells(spec: StudySpec, done: dict[str, dict]) -> list[Cell]:
         if not all(c.id in done for c in cells):
             continue
         for kind in select:
-            cands = [c for c in cells if f"best_{strategy_kind(c.strategy)}" == kind
-                     and done[c.id].get("top1_val") is not None]
-            if not cands:
+            best = best_on_validation([c for c in cells if f"best_{strategy_kind(c.strategy)}" == kind],
+                                      lambda c: done[c.id].get("top1_val"))
+            if best is None:
                 continue
-            best = max(cands, key=lambda c: (done[c.id]["top1_val"], -cands.index(c)))
             for seed in spec.qat_phase.get("seeds", [0]):
                 cell = Cell(best.model, best.bits, best.nl_bits, best.strategy, best.seed, 0, best.id, seed)
                 if cell not in out:
@@ -400,8 +407,9 @@ def run_study(spec_path: str | Path, progress: bool = True, device: str | None =
             t0 = time.perf_counter()
             row = _qat_cell(spec, cell, device, costs) if cell.qat_of else _run_cell(spec, cell, device, progress, costs)
             row.setdefault("strategy", cell.strategy)
-            row.update(model=cell.model, bits=cell.bits, nl_bits=cell.nl_bits, seed=cell.seed if cell.seed is not None
-                       else cell.qat_seed, qat_of=cell.qat_of, qat_epochs=cell.qat_epochs,
+            # a QAT-phase row's seed is its training seed (a random cell's own seed is in qat_of's cell id)
+            row.update(model=cell.model, bits=cell.bits, nl_bits=cell.nl_bits, seed=cell.qat_seed if cell.qat_of
+                       else cell.seed, qat_of=cell.qat_of, qat_epochs=cell.qat_epochs,
                        seconds=round(time.perf_counter() - t0, 1), device=device_name(device or default_device()),
                        date=_dt.date.today().isoformat(), cell=cell.id)
             atomic_write_json(cells_dir / f"{cell.id}.json", row)

@@ -30,7 +30,8 @@ from .stats import holm, paired_comparison, unpack
 from .study_summary import write_summary
 
 STATS_FIELDS = ("model", "bits", "nl_bits", "regime", "seed", "strategy", "baseline", "top1", "top1_baseline",
-                "top1_val", "top1_val_baseline", "diff", "lo", "hi", "p", "p_holm", "a_only", "b_only", "n")
+                "top1_val", "top1_val_baseline", "diff", "lo", "hi", "p", "p_holm", "a_only", "b_only", "n", "cell",
+                "qat_of")
 
 
 def _correct(spec, row) -> np.ndarray | None:
@@ -43,6 +44,8 @@ def _correct(spec, row) -> np.ndarray | None:
 
 def comparisons(spec, rows: list[dict]) -> list[dict]:
     """The rows of ``<name>_stats.csv`` (Holm-adjusted across all of them)."""
+    from .study import best_on_validation
+
     out = []
     costs = [k for k in rows[0] if k.startswith("cost_")] if rows else []
     settings = list(dict.fromkeys((r["model"], r["bits"], r.get("nl_bits")) for r in rows if r["strategy"] != "float"))
@@ -51,9 +54,9 @@ def comparisons(spec, rows: list[dict]) -> list[dict]:
                  and r["strategy"] != "float"]
         ptq = [r for r in cells if r.get("regime") == "ptq"]
         uniform = [r for r in ptq if r["strategy"].startswith("uniform:") and r.get("top1_val") is not None]
-        if not uniform:
+        base = best_on_validation(uniform)
+        if base is None:
             continue
-        base = max(uniform, key=lambda r: (r["top1_val"], -uniform.index(r)))
         pairs = [(r, base, "ptq") for r in ptq if r is not base]
         qat = [r for r in cells if r.get("regime") == "qat" and r.get("qat_of")]
         for r in qat:
@@ -68,7 +71,8 @@ def comparisons(spec, rows: list[dict]) -> list[dict]:
             row = dict(model=model, bits=bits, nl_bits=nl, regime=regime, seed=r.get("seed"), strategy=r["strategy"],
                        baseline=b["strategy"], top1=r["top1"], top1_baseline=b["top1"], top1_val=r.get("top1_val"),
                        top1_val_baseline=b.get("top1_val"), **{k: round(v, 6) if isinstance(v, float) else v
-                                                               for k, v in stat.items()})
+                                                               for k, v in stat.items()},
+                       cell=r.get("cell"), qat_of=r.get("qat_of"))
             for c in costs:
                 row[c] = r.get(c)
                 row[f"{c}_baseline"] = b.get(c)

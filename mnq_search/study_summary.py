@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import atomic_write_text, csv_text
+from .study import best_on_validation, strategy_kind
 
 PAPER_RULE = "sqnr_diff"
 SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform",
@@ -22,15 +23,8 @@ SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform"
                   "search", "top1_search", "diff_search", "lo_search", "hi_search", "p_holm_search",
                   "diff_paper_rule", "lo_paper_rule", "hi_paper_rule", "p_holm_paper_rule",
                   "qat_uniform", "qat_diff_greedy", "qat_lo_greedy", "qat_hi_greedy", "qat_p_holm_greedy",
-                  "qat_diff_search", "qat_lo_search", "qat_hi_search", "qat_p_holm_search", "cells", "verdict")
-
-
-def _best(rows: list[dict], kind: str) -> dict | None:
-    """The row of ``kind`` with the highest validation top-1 (ties: the earlier row)."""
-    from .study import strategy_kind
-
-    cands = [r for r in rows if strategy_kind(r["strategy"]) == kind and r.get("top1_val") is not None]
-    return max(cands, key=lambda r: (r["top1_val"], -cands.index(r))) if cands else None
+                  "qat_diff_search", "qat_lo_search", "qat_hi_search", "qat_p_holm_search", "qat_seed", "qat_seeds",
+                  "cells", "verdict")
 
 
 def _label(r: dict) -> str:
@@ -45,10 +39,12 @@ def verdict(diff: float | None, p_holm: float | None, alpha: float = 0.05) -> st
 
 
 def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] | None = None) -> list[dict]:
-    """``stats``: the rows of ``<name>_stats.csv``; ``rows``: the study's finished cells (the float
-    model's top-1, and how many PTQ cells of each setting are in); ``planned``: the spec's number of
-    PTQ cells per (model, bits, nl_bits). A setting with cells still missing says so in ``cells``
-    and its verdict is marked partial."""
+    """``stats``: the comparisons as :func:`mnq_search.study_stats.comparisons` returns them (numbers,
+    not the CSV's text); ``rows``: the study's finished cells (the float model's top-1, and how many
+    PTQ cells of each setting are in); ``planned``: the spec's number of PTQ cells per (model, bits,
+    nl_bits). A setting with cells still missing says so in ``cells`` and its verdict is marked
+    partial. The QAT columns are the chosen cells' own QAT runs, of the lowest QAT seed
+    (``qat_seeds``: how many seeds ran)."""
     out = []
     settings = list(dict.fromkeys((r["model"], r["bits"], r["nl_bits"]) for r in stats))
     for model, bits, nl in settings:
@@ -59,18 +55,23 @@ def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] 
         line = {"model": model, "bits": bits, "nl_bits": nl, "float": fp,
                 "uniform": ptq[0]["baseline"] if ptq else None, "top1_uniform": ptq[0]["top1_baseline"] if ptq else None}
         for kind in ("greedy", "search"):
-            best = _best(ptq, kind)
+            best = best_on_validation([r for r in ptq if strategy_kind(r["strategy"]) == kind])
             if best is not None:
                 line.update({kind: _label(best), f"top1_{kind}": best["top1"], f"diff_{kind}": best["diff"],
-                             f"lo_{kind}": best["lo"], f"hi_{kind}": best["hi"], f"p_holm_{kind}": best["p_holm"]})
+                             f"lo_{kind}": best["lo"], f"hi_{kind}": best["hi"], f"p_holm_{kind}": best["p_holm"],
+                             f"_cell_{kind}": best.get("cell")})
         paper = next((r for r in ptq if r["strategy"] == PAPER_RULE), None)
         if paper is not None:
             line.update({f"{k}_paper_rule": paper[k] for k in ("diff", "lo", "hi", "p_holm")})
         qat = [r for r in here if r["regime"] == "qat"]
+        seeds = sorted({r.get("seed") for r in qat}, key=lambda x: (x is None, x))
         if qat:
-            line["qat_uniform"] = qat[0]["top1_baseline"]
+            seed = seeds[0]
+            line.update(qat_uniform=next(r for r in qat if r.get("seed") == seed)["top1_baseline"], qat_seed=seed,
+                        qat_seeds=len(seeds))
             for kind in ("greedy", "search"):
-                r = next((q for q in qat if line.get(kind) and q["strategy"] == line[kind].split(" (seed")[0]), None)
+                r = next((q for q in qat if q.get("seed") == seed and line.get(f"_cell_{kind}")
+                          and q.get("qat_of") == line[f"_cell_{kind}"]), None)
                 if r is not None:
                     line.update({f"qat_{k}_{kind}": r[k] for k in ("diff", "lo", "hi", "p_holm")})
         line["verdict"] = verdict(line.get("diff_search"), line.get("p_holm_search"))
@@ -110,6 +111,7 @@ def markdown(lines: list[dict], name: str) -> str:
            "|---|---|---:|---|---|---|---|---|---|---|"]
     for x in lines:
         qat = (f"{float(x['qat_uniform']):.2f}; {_diff(x, 'greedy', 'qat_')}; {_diff(x, 'search', 'qat_')}"
+               + (f" (seed {x['qat_seed']} of {x['qat_seeds']})" if x.get("qat_seeds", 1) > 1 else "")
                if x.get("qat_uniform") is not None else "not run")
         out.append(f"| {x['model']} | {x['bits']} / {x['nl_bits']} | {_num(x['float'], '{:.2f}')} "
                    f"| {x['uniform']} {_num(x['top1_uniform'], '{:.2f}')} "

@@ -103,6 +103,30 @@ def test_mixqvit_with_separate_input_bits_and_eval(ckpt, tmp_path, capsys):
     assert f"top-1 {result['top1_quant']:.2f} %" in stdout  # eval applied both bit-widths of every layer
 
 
+def test_qat_records_every_layers_bits_and_the_report_reads_its_width(ckpt, tmp_path, capsys):
+    """QAT of an assignment that puts every weight layer at 6 bits under the model-wide 8 records all
+    layers' bits in result.json, and the report files the run under 6 bits."""
+    from mnq_search.convert import convert_model
+    from mnq_search.mixprec._search import layer_bits
+    from mnq_search.report._inputs import Folder
+
+    out = tmp_path / "run"
+    assert run_cli(["run", "--strategy", "uniform:ibert", "--checkpoint", ckpt, "--out", out, *FAST], capsys)[0] == 0
+    assignment = json.loads((out / "assignment.json").read_text())
+    names = list(layer_bits(convert_model(create_zoo_model("fmnist-deit-tiny"), 8)))
+    assert len(names) == 50 and "layer_bits" not in assignment
+    assignment["layer_bits"] = dict.fromkeys(names, 6)
+    (tmp_path / "a6.json").write_text(json.dumps(assignment))
+    q = tmp_path / "qat"
+    code, _, err = run_cli(["qat", "--assignment", tmp_path / "a6.json", "--steps", "1", "--qat-batch-size", "8",
+                            "--checkpoint", ckpt, "--out", q, *FAST], capsys)
+    assert code == 0, err
+    result = json.loads((q / "result.json").read_text())
+    assert result["bits"] == 8 and result["layer_bits"]["layers"] == {n: [6, 6] for n in names}
+    assert result["layer_bits"]["bops_per_image"] > 0
+    assert Folder(q, "qat", result=result).bits == 6
+
+
 def test_mixqvit_bit_sensitivity_cache_is_shared_and_checked(ckpt, tmp_path, capsys):
     cache = tmp_path / "bits.json"
     common = ["run", "--strategy", "mixqvit", "--search-bits", "4,8", "--val-size", "20", "--checkpoint", ckpt,

@@ -214,29 +214,31 @@ def test_table4_top1_per_strategy_and_bits(report, tree):
 
 
 def test_table4_labels_per_layer_bits_and_qat_recipe_variants(tmp_path):
-    """A W3A3 QAT cell (per-layer bits 3 under the model-wide 4) is a 3-bit row, and each VVTQ recipe
-    variant of one assignment is its own QAT row while their common PTQ top-1 stays one row."""
-    from mnq_search.report._inputs import Folder
-    from mnq_search.report._tables import folder_records, table4
+    """A W3A3 QAT cell (every layer recorded at 3 bits under the model-wide 4) is a 3-bit row, each
+    VVTQ recipe variant of one assignment is its own QAT row, and their shared PTQ top-1 counts once."""
+    from mnq_search.report._inputs import Folder, Inputs
+    from mnq_search.report._tables import table4, top1_records
 
-    layers = {"patch_embed.proj": 3, "blocks.0.attn.qkv": 3, "head": 3}
+    layers = {"patch_embed.proj": [3, 3], "blocks.0.attn.qkv": [3, 3], "head": [3, 3]}
     folders = []
     for name, qat, top1 in (("plain", {"recipe": "vvtq", "multicrop": 0, "vvtq_lsq": False, "vvtq_strength": 0.0}, 71.0),
-                            ("full", {"recipe": "vvtq", "multicrop": 4, "vvtq_lsq": True, "vvtq_strength": 0.01}, 70.1)):
-        f = Folder(tmp_path / name, name, result={"strategy": "uniform:index", "model": MODEL, "bits": 4, "top1_ptq": 54.14,
-                                                  "top1_qat": top1, "qat": {"epochs": 3, **qat}},
-                   assignment={"bits": 4, "nl_bits": 4, "layer_bits": layers, "slots": {}})
+                            ("full", {"recipe": "vvtq", "multicrop": 4, "vvtq_lsq": True, "vvtq_strength": 0.01}, 70.1),
+                            ("freeze", {"recipe": "vvtq", "vvtq_freeze": 0.02}, 70.5)):
+        f = Folder(tmp_path / "w3a3" / name, f"w3a3/{name}",
+                   result={"strategy": "uniform:index", "model": MODEL, "bits": 4, "top1_ptq": 54.14, "top1_qat": top1,
+                           "qat": {"epochs": 3, **qat}, "layer_bits": {"layers": layers, "bops_per_image": 1.0}})
         assert f.bits == 3 and f.is_qat
         folders.append(f)
-    assert [f.qat_variant for f in folders] == ["", "multicrop+lsq+reg"]
-    rows = {tuple(r[:3]): r[3] for r in table4([x for f in folders for x in folder_records(f)]).rows}
+    assert [f.qat_variant for f in folders] == ["", "multicrop+lsq+reg", "freeze"]
+    rows = {tuple(r[:3]): r[3] for r in table4(top1_records(Inputs(tmp_path, folders=folders))).rows}
     assert rows == {("uniform:index", 3, 3): (71.0, 1), ("uniform:index (QAT +multicrop+lsq+reg)", 3, 3): (70.1, 1),
-                    ("uniform:index", 3, 0): (54.14, 2)}
-    # mixed per-layer widths, or a run's recorded [w, a] pairs that differ, keep the model-wide bits
-    mixed = Folder(tmp_path / "m", "m", result={"bits": 8, "layer_bits": {"layers": {"a": [8, 8], "b": [6, 6]}}})
-    assert mixed.bits == 8
-    assert Folder(tmp_path / "w", "w", result={"bits": 8, "layer_bits": {"layers": {"a": [4, 8]}}}).bits == 8
-    assert Folder(tmp_path / "s", "s", result={"bits": 8}, assignment={"layer_bits": {"a": "w5a5"}}).bits == 5
+                    ("uniform:index (QAT +freeze)", 3, 3): (70.5, 1), ("uniform:index", 3, 0): (54.14, 1)}
+    # the model-wide bits stay when the record mixes widths or weight and activation bits differ, and an
+    # assignment's layer_bits (possibly a few layers, possibly Softmax/GELU slots) is never read for it
+    for record in ({"a": [8, 8], "b": [6, 6]}, {"a": [4, 8]}, {"a": [True, True]}, {}):
+        assert Folder(tmp_path / "m", "m", result={"bits": 8, "layer_bits": {"layers": record}}).bits == 8
+    partial = Folder(tmp_path / "p", "p", result={"bits": 4}, assignment={"layer_bits": {"head": 8}})
+    assert partial.bits == 4
 
 
 def test_figure2_shows_the_slots_where_methods_disagree_most(report, tree):

@@ -137,7 +137,7 @@ select = ["best_uniform", "best_search"]
         "uniform:ibert", "uniform:ivit", "random", "random", "coordinate"]
     assert all(float(r["cost_mop"]) > 0 and r["top1_val"] for r in rows)
     qat = [r for r in rows if r["regime"] == "qat"]
-    assert len(qat) == 2 and all(r["qat_of"] for r in qat)
+    assert len(qat) == 2 and all(r["qat_of"] for r in qat) and {r["seed"] for r in qat} == {"0"}  # the QAT seed
     stats = list(csv.DictReader((s.results_dir / "grouped_stats.csv").open()))
     base = max((r for r in rows if r["strategy"].startswith("uniform:")), key=lambda r: float(r["top1_val"]))
     assert {r["baseline"] for r in stats} == {base["strategy"]}
@@ -150,7 +150,7 @@ select = ["best_uniform", "best_search"]
     assert line["uniform"] == base["strategy"] and line["search"].split(" (seed")[0] == max(
         ptq, key=lambda r: float(r["top1_val"]))["strategy"]
     assert line["greedy"] == "" and line["qat_uniform"] and line["verdict"] in ("wins", "loses", "within noise")
-    assert line["cells"] == "5 of 5"
+    assert line["cells"] == "5 of 5" and line["qat_diff_search"] != "" and line["qat_seeds"] == "1"
     n_before = len(calls)
     run_study(path, progress=False)  # everything finished: nothing runs
     assert len(calls) == n_before
@@ -201,32 +201,39 @@ batch_size = 20
 
 def test_summary_selects_greedy_and_search_on_validation_and_reports_test():
     """One line per setting: the best greedy rule and the best search are the ones with the highest
-    *validation* top-1, even where another has the higher test top-1; the verdict follows Holm."""
+    *validation* top-1, even where another has the higher test top-1; the QAT columns are those very
+    cells' QAT runs (a random cell's by its cell id) of the lowest QAT seed; the verdict follows Holm."""
     from mnq_search.study_summary import markdown, summary_rows, verdict
 
-    def stat(strategy, top1, val, diff, p_holm, regime="ptq", seed=None):
-        return {"model": "m", "bits": 8, "nl_bits": 4, "regime": regime, "seed": seed, "strategy": strategy,
+    def stat(strategy, top1, val, diff, p_holm, seed=None):
+        cell = f"m-{strategy}" + (f"-s{seed}" if seed is not None else "")
+        return {"model": "m", "bits": 8, "nl_bits": 4, "regime": "ptq", "seed": seed, "strategy": strategy,
                 "baseline": "uniform:ibert", "top1": top1, "top1_baseline": 70.0, "top1_val": val, "diff": diff,
-                "lo": diff - 1, "hi": diff + 1, "p_holm": p_holm}
+                "lo": diff - 1, "hi": diff + 1, "p_holm": p_holm, "cell": cell, "qat_of": None}
 
-    stats = [stat("uniform:ivit", 60.0, 59.0, -10.0, 1e-9), stat("sqnr_output", 75.0, 74.0, 5.0, 1e-6),
-             stat("sqnr_diff", 40.0, 41.0, -30.0, 1e-9), stat("sqnr_gain", 77.0, 73.0, 7.0, 1e-7),
-             stat("random", 79.0, 70.5, 9.0, 1e-8, seed=3), stat("sequential", 78.0, 77.5, 8.0, 1e-8),
-             stat("coordinate", 78.5, 77.5, 8.5, 1e-8),
-             stat("sqnr_output", 80.0, 79.0, 1.5, 0.2, regime="qat", seed=0) | {"top1_baseline": 78.5},
-             stat("sequential", 81.0, 80.0, 2.5, 0.01, regime="qat", seed=0) | {"top1_baseline": 78.5}]
+    def qat(ptq, diff, seed, top1_baseline=78.5):
+        return {**ptq, "regime": "qat", "seed": seed, "diff": diff, "lo": diff - 1, "hi": diff + 1, "p_holm": 0.01,
+                "top1_baseline": top1_baseline, "cell": f"{ptq['cell']}-qatphase-s{seed}", "qat_of": ptq["cell"]}
+
+    ptq = [stat("uniform:ivit", 60.0, 59.0, -10.0, 1e-9), stat("sqnr_output", 75.0, 74.0, 5.0, 1e-6),
+           stat("sqnr_diff", 40.0, 41.0, -30.0, 1e-9), stat("sqnr_gain", 77.0, 73.0, 7.0, 1e-7),
+           stat("random", 79.0, 70.5, 9.0, 1e-8, seed=3), stat("random", 78.0, 78.0, 8.0, 1e-8, seed=4),
+           stat("sequential", 78.0, 77.5, 8.0, 1e-8), stat("coordinate", 78.5, 77.5, 8.5, 1e-8),
+           stat("sqnr_diff", 40.0, None, -30.0, 1e-9)]  # no validation top-1: never chosen
     rows = [{"model": "m", "strategy": "float", "regime": "float", "top1": 82.0}] + [
-        {"model": "m", "bits": 8, "nl_bits": 4, "regime": "ptq", "strategy": r["strategy"]} for r in stats[:7]]
-    rows.append({**rows[1], "strategy": "uniform:ibert"})
-    (line,) = summary_rows(stats, rows, {("m", 8, 4): 8})
+        {"model": "m", "bits": 8, "nl_bits": 4, "regime": "ptq", "strategy": r["strategy"]} for r in ptq[:8]]
+    # QAT runs of seeds 1 and 0 (listed in that order), of the greedy pick, of random seed 4, of random seed 3
+    stats = ptq + [qat(ptq[1], 1.5, 1, 79.0), qat(ptq[1], 1.0, 0), qat(ptq[5], 2.5, 0), qat(ptq[4], -9.0, 0)]
+    (line,) = summary_rows(stats, rows, {("m", 8, 4): 9})
     assert (line["float"], line["uniform"], line["top1_uniform"]) == (82.0, "uniform:ibert", 70.0)
     assert (line["greedy"], line["diff_greedy"]) == ("sqnr_output", 5.0)  # not sqnr_gain: lower on validation
-    assert (line["search"], line["diff_search"]) == ("sequential", 8.0)  # tie on validation: the earlier one
-    assert (line["diff_paper_rule"], line["qat_uniform"]) == (-30.0, 78.5)
-    assert (line["qat_diff_greedy"], line["qat_diff_search"], line["verdict"]) == (1.5, 2.5, "wins")
-    assert line["cells"] == "8 of 8"
-    (partial,) = summary_rows(stats, rows, {("m", 8, 4): 9})
-    assert (partial["cells"], partial["verdict"]) == ("8 of 9", "wins (partial)")
-    assert "| m | 8 / 4 | 82.00 | uniform:ibert 70.00 | sqnr_output 75.00 (+5.00 [+4.00, +6.00], p < 0.0001) |" \
-        in markdown([line], "s")
+    assert (line["search"], line["diff_search"]) == ("random (seed 4)", 8.0)  # not seed 3: lower on validation
+    assert (line["diff_paper_rule"], line["qat_uniform"], line["qat_seed"], line["qat_seeds"]) == (-30.0, 78.5, 0, 2)
+    assert (line["qat_diff_greedy"], line["qat_diff_search"]) == (1.0, 2.5)  # seed 0; random seed 4's own run
+    assert (line["cells"], line["verdict"]) == ("8 of 9", "wins (partial)")
+    text = markdown([line], "s")
+    assert "| m | 8 / 4 | 82.00 | uniform:ibert 70.00 | sqnr_output 75.00 (+5.00 [+4.00, +6.00], p < 0.0001) |" in text
+    assert "(seed 0 of 2) | 8 of 9 | **wins (partial)** |" in text
+    (tie,) = summary_rows([r for r in stats if r["strategy"] != "random"], rows, {("m", 8, 4): 8})
+    assert tie["search"] == "sequential" and tie["cells"] == "8 of 8"  # a tie on validation: the earlier one
     assert [verdict(0.3, 0.2), verdict(-1.0, 0.01), verdict(None, None)] == ["within noise", "loses", "not measured"]

@@ -62,19 +62,22 @@ class Folder:
 
     @property
     def bits(self) -> int | None:
-        """The model-wide bit-width, or the one width every weight layer runs at when the assignment's
-        per-layer bits (``layer_bits``) set them all alike (a W3A3 run below the model-wide 4)."""
-        same = _same_layer_bits((self.assignment or {}).get("layer_bits") or self.result.get("layer_bits"))
+        """The model-wide bit-width, or the one width every weight layer ran at when the run's record
+        of all its layers' bits (result.json ``layer_bits.layers``) has them all alike (a W3A3 run
+        below the model-wide 4)."""
+        same = _same_layer_bits((self.result.get("layer_bits") or {}).get("layers"))
         bits = same if same is not None else self._meta("bits")
         return int(bits) if bits is not None else None
 
     @property
     def qat_variant(self) -> str:
-        """What a QAT folder's recipe adds to plain QAT (``""`` for plain): ``distill``, ``multicrop``,
-        ``lsq``, ``reg`` (the variation-aware regulariser), joined by ``+``."""
+        """What a QAT folder's recipe adds to plain QAT (``""`` for plain; the ``vvtq`` recipe with none
+        of its parts only tracks oscillation): ``distill``, ``multicrop``, ``lsq``, ``reg`` (the
+        variation-aware regulariser), ``freeze``, joined by ``+``."""
         q = self.result.get("qat") or {}
         parts = [name for name, on in (("distill", q.get("distill")), ("multicrop", q.get("multicrop")),
-                                       ("lsq", q.get("vvtq_lsq")), ("reg", q.get("vvtq_strength"))) if on]
+                                       ("lsq", q.get("vvtq_lsq")), ("reg", q.get("vvtq_strength")),
+                                       ("freeze", q.get("vvtq_freeze"))) if on]
         return "+".join(parts)
 
     @property
@@ -94,24 +97,17 @@ class Folder:
         return {str(k): v for k, v in slots.items() if isinstance(v, str)} if isinstance(slots, dict) else {}
 
 
-def _same_layer_bits(layer_bits: Any) -> int | None:
-    """The one bit-width of per-layer bits that are all alike with weights and activations equal, else
-    None. Reads an assignment's ``{layer: 3}`` or ``{layer: "w3a3"}`` and a result's ``{"layers":
-    {layer: [3, 3]}}``."""
-    if isinstance(layer_bits, dict) and isinstance(layer_bits.get("layers"), dict):
-        layer_bits = layer_bits["layers"]
-    if not isinstance(layer_bits, dict) or not layer_bits:
+def _same_layer_bits(layers: Any) -> int | None:
+    """The one width of a run's ``{layer: [w, a]}`` record when every layer has weights and
+    activations at it, else None."""
+    from ..budget import bits_pair
+
+    if not isinstance(layers, dict) or not layers:
         return None
-    widths = set()
-    for value in layer_bits.values():
-        if isinstance(value, str) and value.lower().startswith("w") and "a" in value.lower():
-            value = value.lower()[1:].split("a")
-        pair = list(value) if isinstance(value, (list, tuple)) else [value, value]
-        try:
-            widths.update(int(v) for v in pair)
-        except (TypeError, ValueError):
-            return None
-    return widths.pop() if len(widths) == 1 else None
+    pairs = [bits_pair(f"w{v[0]}a{v[1]}") if isinstance(v, (list, tuple)) and len(v) == 2 else None
+             for v in layers.values()]
+    widths = {b for pair in pairs if pair is not None for b in pair}
+    return widths.pop() if None not in pairs and len(widths) == 1 else None
 
 
 @dataclass

@@ -148,11 +148,18 @@ def folder_records(folder: Folder) -> list[dict[str, Any]]:
 def top1_records(inputs: Inputs) -> list[dict[str, Any]]:
     """All top-1 records: folders outside any study's folder, then every study row."""
     study_dirs = [Path(rel).parent for rel, _ in inputs.studies]
-    records = []
+    records, shared_ptq = [], set()
     for f in inputs.folders:
         folder = Path(f.rel)
         if not any(d == folder or d in folder.parents for d in study_dirs):
-            records += folder_records(f)
+            for rec in folder_records(f):
+                if f.is_qat and rec["qat_epochs"] == 0 and rec["strategy"] != FULL_PRECISION:
+                    # QAT variants of one calibrated model (sibling folders) share its PTQ top-1: count it once
+                    key = (folder.parent, *rec.values())
+                    if key in shared_ptq:
+                        continue
+                    shared_ptq.add(key)
+                records.append(rec)
     for _, rows in inputs.studies:
         records += [x for x in (_record(r.get("model"), r.get("bits"), r.get("strategy"), r.get("qat_epochs"),
                                         r.get("top1")) for r in rows) if x is not None]
