@@ -440,7 +440,8 @@ def write_tables(spec: StudySpec) -> Path:
     order = spec.cells() + qat_cells(spec, done)
     rows = [done[c.id] for c in order if c.id in done]
     csv_path = spec.results_dir / f"{spec.name}.csv"
-    atomic_write_text(csv_path, csv_text(TIDY_FIELDS, rows))
+    costs = tuple(dict.fromkeys(k for r in rows for k in r if k.startswith("cost_") and k not in TIDY_FIELDS))
+    atomic_write_text(csv_path, csv_text(TIDY_FIELDS + costs, rows))  # and each of the spec's cost_tables
     atomic_write_text(spec.results_dir / f"{spec.name}.md", markdown_table(rows, spec))
     if spec.run.get("record"):
         from .study_stats import write_statistics

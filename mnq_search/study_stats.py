@@ -47,7 +47,7 @@ def comparisons(spec, rows: list[dict]) -> list[dict]:
     from .study import best_on_validation
 
     out = []
-    costs = [k for k in rows[0] if k.startswith("cost_")] if rows else []
+    costs = list(dict.fromkeys(k for r in rows for k in r if k.startswith("cost_")))  # the float cell has none
     settings = list(dict.fromkeys((r["model"], r["bits"], r.get("nl_bits")) for r in rows if r["strategy"] != "float"))
     for model, bits, nl in settings:
         cells = [r for r in rows if (r["model"], r["bits"], r.get("nl_bits")) == (model, bits, nl)
@@ -90,7 +90,7 @@ def write_statistics(spec, rows: list[dict]) -> Path | None:
     table = comparisons(spec, rows)
     if not table:
         return None
-    extra = [k for k in table[0] if k not in STATS_FIELDS]
+    extra = list(dict.fromkeys(k for r in table for k in r if k not in STATS_FIELDS))  # uniform rows: no dominates_
     path = Path(spec.results_dir) / f"{spec.name}_stats.csv"
     atomic_write_text(path, csv_text(STATS_FIELDS + tuple(extra), table))
     figure(spec, table)

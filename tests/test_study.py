@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,3 +238,39 @@ def test_summary_selects_greedy_and_search_on_validation_and_reports_test():
     (tie,) = summary_rows([r for r in stats if r["strategy"] != "random"], rows, {("m", 8, 4): 8})
     assert tie["search"] == "sequential" and tie["cells"] == "8 of 8"  # a tie on validation: the earlier one
     assert [verdict(0.3, 0.2), verdict(-1.0, 0.01), verdict(None, None)] == ["within noise", "loses", "not measured"]
+
+
+def test_dominance_on_the_accuracy_cost_plane_per_cost_table(tmp_path):
+    """A mixed cell dominates a uniform cell of its setting when it is at least as accurate at no more
+    cost, better in one, per cost table; the float cell (first, without costs) hides no cost column."""
+    from types import SimpleNamespace
+
+    from mnq_search.stats import pack
+    from mnq_search.study_stats import comparisons, write_statistics
+
+    spec = SimpleNamespace(work_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    cells = {"float": (0.9, {}), "uniform:ibert": (0.7, {"cost_mop": 10.0, "cost_energy": 5.0}),
+             "uniform:fqvit": (0.6, {"cost_mop": 30.0, "cost_energy": 9.0}),
+             "per_op": (0.8, {"cost_mop": 12.0, "cost_energy": 4.0})}
+    rows = []
+    for i, (strategy, (acc, cost)) in enumerate(cells.items()):
+        correct = rng.random(400) < acc
+        run = tmp_path / "runs" / f"c{i}"
+        run.mkdir(parents=True)
+        np.savez(run / "correct.npz", test=pack(correct), n=400)
+        rows.append({"model": "m", "bits": 8, "nl_bits": 4, "strategy": strategy, "cell": f"c{i}",
+                     "regime": "float" if strategy == "float" else "ptq", "top1": 100 * correct.mean(),
+                     "top1_val": {"float": None, "uniform:ibert": 70.0, "uniform:fqvit": 60.0, "per_op": 80.0}[strategy],
+                     **cost})
+    out = {r["strategy"]: r for r in comparisons(spec, rows)}
+    assert set(out) == {"uniform:fqvit", "per_op"} and out["per_op"]["baseline"] == "uniform:ibert"
+    assert out["per_op"]["top1"] > out["per_op"]["top1_baseline"]
+    assert out["per_op"]["dominates_cost_mop"] == "uniform:fqvit"  # costs more than I-BERT's 10
+    assert out["per_op"]["dominates_cost_energy"] == "uniform:ibert;uniform:fqvit"
+    assert out["per_op"]["cost_energy_baseline"] == 5.0 and "dominates_cost_mop" not in out["uniform:fqvit"]
+    spec.results_dir, spec.name, spec.cells = tmp_path, "s", list  # no planned cells: the summary counts what is in
+    write_statistics(spec, rows)  # the CSV keeps the columns that only mixed cells have
+    written = {r["strategy"]: r for r in csv.DictReader((tmp_path / "s_stats.csv").open())}
+    assert written["per_op"]["dominates_cost_energy"] == "uniform:ibert;uniform:fqvit"
+    assert written["uniform:fqvit"]["dominates_cost_mop"] == ""
