@@ -24,7 +24,7 @@ SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform"
                   "diff_paper_rule", "lo_paper_rule", "hi_paper_rule", "p_holm_paper_rule",
                   "qat_uniform", "qat_diff_greedy", "qat_lo_greedy", "qat_hi_greedy", "qat_p_holm_greedy",
                   "qat_diff_search", "qat_lo_search", "qat_hi_search", "qat_p_holm_search", "qat_seed", "qat_seeds",
-                  "cells", "verdict")
+                  "search_dominates", "cells", "verdict")
 
 
 def _label(r: dict) -> str:
@@ -60,6 +60,9 @@ def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] 
                 line.update({kind: _label(best), f"top1_{kind}": best["top1"], f"diff_{kind}": best["diff"],
                              f"lo_{kind}": best["lo"], f"hi_{kind}": best["hi"], f"p_holm_{kind}": best["p_holm"],
                              f"_cell_{kind}": best.get("cell")})
+                if kind == "search":  # the uniform cells it beats at no more cost, per cost table
+                    line["search_dominates"] = "; ".join(
+                        f"{k[len('dominates_'):]}: {best[k] or 'none'}" for k in best if k.startswith("dominates_"))
         paper = next((r for r in ptq if r["strategy"] == PAPER_RULE), None)
         if paper is not None:
             line.update({f"{k}_paper_rule": paper[k] for k in ("diff", "lo", "hi", "p_holm")})
@@ -107,8 +110,9 @@ def markdown(lines: list[dict], name: str) -> str:
             "*search*: the best other strategy on validation (sequential, coordinate, per_op, Optuna, random); "
             f"the paper's rule as printed is `{PAPER_RULE}`. The verdict is the search's."), "",
            ("| model | linear / non-linear bits | float | best uniform | best greedy (Δ) | best search (Δ) "
-            "| paper's rule Δ | QAT phase: uniform; greedy Δ; search Δ | cells | verdict |"),
-           "|---|---|---:|---|---|---|---|---|---|---|"]
+            "| paper's rule Δ | QAT phase: uniform; greedy Δ; search Δ | uniform cells the search dominates "
+            "(accuracy × cost) | cells | verdict |"),
+           "|---|---|---:|---|---|---|---|---|---|---|---|"]
     for x in lines:
         qat = (f"{float(x['qat_uniform']):.2f}; {_diff(x, 'greedy', 'qat_')}; {_diff(x, 'search', 'qat_')}"
                + (f" (seed {x['qat_seed']} of {x['qat_seeds']})" if x.get("qat_seeds", 1) > 1 else "")
@@ -117,7 +121,8 @@ def markdown(lines: list[dict], name: str) -> str:
                    f"| {x['uniform']} {_num(x['top1_uniform'], '{:.2f}')} "
                    f"| {x.get('greedy') or ''} {_num(x.get('top1_greedy'), '{:.2f}')} ({_diff(x, 'greedy')}) "
                    f"| {x.get('search') or ''} {_num(x.get('top1_search'), '{:.2f}')} ({_diff(x, 'search')}) "
-                   f"| {_diff(x, 'paper_rule')} | {qat} | {x['cells']} | **{x['verdict']}** |")
+                   f"| {_diff(x, 'paper_rule')} | {qat} | {x.get('search_dominates') or ''} | {x['cells']} "
+                   f"| **{x['verdict']}** |")
     return "\n".join(out) + "\n"
 
 

@@ -234,7 +234,7 @@ def test_summary_selects_greedy_and_search_on_validation_and_reports_test():
     assert (line["cells"], line["verdict"]) == ("8 of 9", "wins (partial)")
     text = markdown([line], "s")
     assert "| m | 8 / 4 | 82.00 | uniform:ibert 70.00 | sqnr_output 75.00 (+5.00 [+4.00, +6.00], p < 0.0001) |" in text
-    assert "(seed 0 of 2) | 8 of 9 | **wins (partial)** |" in text
+    assert "(seed 0 of 2) |  | 8 of 9 | **wins (partial)** |" in text
     (tie,) = summary_rows([r for r in stats if r["strategy"] != "random"], rows, {("m", 8, 4): 8})
     assert tie["search"] == "sequential" and tie["cells"] == "8 of 8"  # a tie on validation: the earlier one
     assert [verdict(0.3, 0.2), verdict(-1.0, 0.01), verdict(None, None)] == ["within noise", "loses", "not measured"]
@@ -274,3 +274,5 @@ def test_dominance_on_the_accuracy_cost_plane_per_cost_table(tmp_path):
     written = {r["strategy"]: r for r in csv.DictReader((tmp_path / "s_stats.csv").open())}
     assert written["per_op"]["dominates_cost_energy"] == "uniform:ibert;uniform:fqvit"
     assert written["uniform:fqvit"]["dominates_cost_mop"] == ""
+    (line,) = list(csv.DictReader((tmp_path / "s_summary.csv").open()))
+    assert line["search_dominates"] == "cost_mop: uniform:fqvit; cost_energy: uniform:ibert;uniform:fqvit"
