@@ -63,6 +63,12 @@ def best_on_validation(items: list, top1_val=lambda r: r.get("top1_val")):
     return max(scored, key=lambda t: t[:2])[2] if scored else None
 
 
+def cost_columns(rows: list[dict]) -> list[str]:
+    """The ``cost_*`` keys of a study's cells, in first-seen order over every row (the float cell has
+    none): the integer-op count and one per cost table of the spec."""
+    return list(dict.fromkeys(k for r in rows for k in r if k.startswith("cost_")))
+
+
 def strategy_kind(strategy: str) -> str:
     """``uniform``, ``greedy`` (the SQNR rules), ``float``, or ``search`` (every other strategy:
     sequential, coordinate, per_op, Optuna, random): the QAT phase's and the summary's categories."""
@@ -337,11 +343,7 @@ def qat_cells(spec: StudySpec, done: dict[str, dict]) -> list[Cell]:
         return []
     select = spec.qat_phase.get("select", QAT_SELECT)
     out = []
-    by_setting: dict[tuple, list[Cell]] = {}
-    for c in spec.cells():
-        if c.strategy != "float" and c.qat_epochs == 0:
-            by_setting.setdefault(c.setting, []).append(c)
-    for setting, cells in by_setting.items():
+    for setting, cells in ptq_cells_by_setting(spec).items():
         if not all(c.id in done for c in cells):
             continue
         for kind in select:
@@ -354,6 +356,15 @@ def qat_cells(spec: StudySpec, done: dict[str, dict]) -> list[Cell]:
                 if cell not in out:
                     out.append(cell)
     return out
+
+
+def ptq_cells_by_setting(spec: StudySpec) -> dict[tuple, list[Cell]]:
+    """The spec's quantized PTQ cells (no float, no QAT) per (model, bits, nl_bits) setting."""
+    by_setting: dict[tuple, list[Cell]] = {}
+    for c in spec.cells():
+        if c.strategy != "float" and c.qat_epochs == 0:
+            by_setting.setdefault(c.setting, []).append(c)
+    return by_setting
 
 
 def _chosen_models(spec: StudySpec, models: list[str] | None) -> list[str]:
@@ -440,8 +451,8 @@ def write_tables(spec: StudySpec) -> Path:
     order = spec.cells() + qat_cells(spec, done)
     rows = [done[c.id] for c in order if c.id in done]
     csv_path = spec.results_dir / f"{spec.name}.csv"
-    costs = tuple(dict.fromkeys(k for r in rows for k in r if k.startswith("cost_") and k not in TIDY_FIELDS))
-    atomic_write_text(csv_path, csv_text(TIDY_FIELDS + costs, rows))  # and each of the spec's cost_tables
+    costs = tuple(k for k in cost_columns(rows) if k not in TIDY_FIELDS)  # each of the spec's cost_tables
+    atomic_write_text(csv_path, csv_text(TIDY_FIELDS + costs, rows))
     atomic_write_text(spec.results_dir / f"{spec.name}.md", markdown_table(rows, spec))
     if spec.run.get("record"):
         from .study_stats import write_statistics

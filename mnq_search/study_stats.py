@@ -44,16 +44,16 @@ def _correct(spec, row) -> np.ndarray | None:
 
 def comparisons(spec, rows: list[dict]) -> list[dict]:
     """The rows of ``<name>_stats.csv`` (Holm-adjusted across all of them)."""
-    from .study import best_on_validation
+    from .study import best_on_validation, cost_columns, strategy_kind
 
     out = []
-    costs = list(dict.fromkeys(k for r in rows for k in r if k.startswith("cost_")))  # the float cell has none
+    costs = cost_columns(rows)
     settings = list(dict.fromkeys((r["model"], r["bits"], r.get("nl_bits")) for r in rows if r["strategy"] != "float"))
     for model, bits, nl in settings:
         cells = [r for r in rows if (r["model"], r["bits"], r.get("nl_bits")) == (model, bits, nl)
                  and r["strategy"] != "float"]
         ptq = [r for r in cells if r.get("regime") == "ptq"]
-        uniform = [r for r in ptq if r["strategy"].startswith("uniform:") and r.get("top1_val") is not None]
+        uniform = [r for r in ptq if strategy_kind(r["strategy"]) == "uniform" and r.get("top1_val") is not None]
         base = best_on_validation(uniform)
         if base is None:
             continue
@@ -76,7 +76,7 @@ def comparisons(spec, rows: list[dict]) -> list[dict]:
             for c in costs:
                 row[c] = r.get(c)
                 row[f"{c}_baseline"] = b.get(c)
-                if regime == "ptq" and not r["strategy"].startswith("uniform:"):
+                if regime == "ptq" and strategy_kind(r["strategy"]) != "uniform":
                     dominated = [u["strategy"] for u in uniform if r.get(c) is not None and u.get(c) is not None
                                  and r["top1"] >= u["top1"] and r[c] <= u[c] and (r["top1"] > u["top1"] or r[c] < u[c])]
                     row[f"dominates_{c}"] = ";".join(dominated)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .io import atomic_write_text, csv_text
-from .study import best_on_validation, strategy_kind
+from .study import best_on_validation, ptq_cells_by_setting, strategy_kind
 
 PAPER_RULE = "sqnr_diff"
 SUMMARY_FIELDS = ("model", "bits", "nl_bits", "float", "uniform", "top1_uniform",
@@ -54,12 +54,12 @@ def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] 
                    and r.get("regime") != "qat"), None)
         line = {"model": model, "bits": bits, "nl_bits": nl, "float": fp,
                 "uniform": ptq[0]["baseline"] if ptq else None, "top1_uniform": ptq[0]["top1_baseline"] if ptq else None}
+        chosen = {}  # kind -> the stats row chosen on validation
         for kind in ("greedy", "search"):
-            best = best_on_validation([r for r in ptq if strategy_kind(r["strategy"]) == kind])
+            best = chosen[kind] = best_on_validation([r for r in ptq if strategy_kind(r["strategy"]) == kind])
             if best is not None:
                 line.update({kind: _label(best), f"top1_{kind}": best["top1"], f"diff_{kind}": best["diff"],
-                             f"lo_{kind}": best["lo"], f"hi_{kind}": best["hi"], f"p_holm_{kind}": best["p_holm"],
-                             f"_cell_{kind}": best.get("cell")})
+                             f"lo_{kind}": best["lo"], f"hi_{kind}": best["hi"], f"p_holm_{kind}": best["p_holm"]})
                 if kind == "search":  # the uniform cells it beats at no more cost, per cost table
                     line["search_dominates"] = "; ".join(
                         f"{k[len('dominates_'):]}: {best[k] or 'none'}" for k in best if k.startswith("dominates_"))
@@ -73,8 +73,8 @@ def summary_rows(stats: list[dict], rows: list[dict], planned: dict[tuple, int] 
             line.update(qat_uniform=next(r for r in qat if r.get("seed") == seed)["top1_baseline"], qat_seed=seed,
                         qat_seeds=len(seeds))
             for kind in ("greedy", "search"):
-                r = next((q for q in qat if q.get("seed") == seed and line.get(f"_cell_{kind}")
-                          and q.get("qat_of") == line[f"_cell_{kind}"]), None)
+                r = next((q for q in qat if q.get("seed") == seed and chosen[kind] is not None
+                          and q.get("qat_of") == chosen[kind].get("cell")), None)
                 if r is not None:
                     line.update({f"qat_{k}_{kind}": r[k] for k in ("diff", "lo", "hi", "p_holm")})
         line["verdict"] = verdict(line.get("diff_search"), line.get("p_holm_search"))
@@ -127,10 +127,7 @@ def markdown(lines: list[dict], name: str) -> str:
 
 
 def write_summary(spec, stats: list[dict], rows: list[dict]) -> Path | None:
-    planned: dict[tuple, int] = {}
-    for c in spec.cells():
-        if c.strategy != "float" and c.qat_epochs == 0:
-            planned[c.setting] = planned.get(c.setting, 0) + 1
+    planned = {setting: len(cells) for setting, cells in ptq_cells_by_setting(spec).items()}
     lines = summary_rows(stats, rows, planned)
     if not lines:
         return None

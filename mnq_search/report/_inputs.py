@@ -100,14 +100,15 @@ class Folder:
 def _same_layer_bits(layers: Any) -> int | None:
     """The one width of a run's ``{layer: [w, a]}`` record when every layer has weights and
     activations at it, else None."""
-    from ..budget import bits_pair
+    from ..budget import valid_layer_bits
 
     if not isinstance(layers, dict) or not layers:
         return None
-    pairs = [bits_pair(f"w{v[0]}a{v[1]}") if isinstance(v, (list, tuple)) and len(v) == 2 else None
-             for v in layers.values()]
-    widths = {b for pair in pairs if pair is not None for b in pair}
-    return widths.pop() if None not in pairs and len(widths) == 1 else None
+    pairs = list(layers.values())
+    if not all(isinstance(v, (list, tuple)) and len(v) == 2 and all(map(valid_layer_bits, v)) for v in pairs):
+        return None
+    widths = {b for pair in pairs for b in pair}
+    return widths.pop() if len(widths) == 1 else None
 
 
 @dataclass
