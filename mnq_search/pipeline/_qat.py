@@ -19,10 +19,10 @@ from ..data import DataSource
 from ..errors import UsageError
 from ..io import atomic_write_json, atomic_write_text, csv_text, save_weights
 from ..plan import counts, save_assignment
-from ..slot import split_layer_keys, split_slot_bits
 from ..qat import QATConfig, history_csv, make_eval_fn, train_qat
 from ._assignment_run import open_with_assignment, settings_from_assignment
 from ._device import default_device, device_name
+from ._run import sets_weight_bits
 from ..preflight import check_output_dir
 
 
@@ -75,8 +75,7 @@ def qat_job(assignment_file: str, settings: RunSettings, qcfg: QATConfig, out: s
                   "qat": dataclasses.asdict(qcfg), "world_size": dist.world(), "qat_seconds": round(seconds, 1),
                   "device": device_name(device), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                   "out": str(folder)}
-        layer_bits = split_slot_bits(split_layer_keys(assignment)[1], ctx.slot_ops)[1]
-        if layer_bits:  # every weight layer's (weight, activation) bits, as a run records them
+        if sets_weight_bits(assignment, qmodel):  # every weight layer's (weight, activation) bits, as a run records them
             from ..mixprec import bits_summary
 
             result["layer_bits"] = bits_summary(qmodel)

@@ -110,7 +110,7 @@ def run(settings: RunSettings) -> dict[str, Any]:
     if group_record is not None:
         result["groups"] = group_record
     slot_bits = qmodel.slot_bits()
-    if settings.joint_bits or set(layer_bits) - set(slot_bits):
+    if settings.joint_bits or sets_weight_bits(assignment, qmodel):
         from ..mixprec import bits_summary
 
         result["layer_bits"] = bits_summary(qmodel)
@@ -163,6 +163,12 @@ def _apply_groups(ctx: RunContext, groups, assignment, timings: dict[str, float]
     record["per_tensor_bops_per_image"] = total_cost(shapes, {})
     record["layers"] = layers
     return record
+
+
+def sets_weight_bits(assignment: dict, qmodel) -> bool:
+    """Whether ``assignment`` sets some weight layer's bits (``<layer>@bits`` of a layer that is not
+    a Softmax or GELU slot): then ``run`` and ``qat`` record every layer's bits (``layer_bits``)."""
+    return bool(set(split_layer_keys(assignment)[1]) - set(qmodel.slot_bits()))
 
 
 def record_correct(out: Path, name: str, **arrays) -> None:
