@@ -101,6 +101,13 @@ def _diff(line: dict, key: str, prefix: str = "") -> str:
     return f"{_num(d)} [{lo}, {hi}], p {'< 0.0001' if p < 1e-4 else f'{p:.2g}'}"
 
 
+def _pick(line: dict, kind: str) -> str:
+    """``name top-1 (Δ ...)`` of a setting's best greedy rule or search, or "not run yet"."""
+    if not line.get(kind):
+        return "not run yet"
+    return f"{line[kind]} {_num(line.get(f'top1_{kind}'), '{:.2f}')} ({_diff(line, kind)})"
+
+
 def markdown(lines: list[dict], name: str) -> str:
     out = [f"# Does mixing win? Study `{name}`, one line per setting", "",
            ("Selection on the validation split, top-1 (%) on the test set. Each difference is paired against "
@@ -119,9 +126,8 @@ def markdown(lines: list[dict], name: str) -> str:
                if x.get("qat_uniform") is not None else "not run")
         out.append(f"| {x['model']} | {x['bits']} / {x['nl_bits']} | {_num(x['float'], '{:.2f}')} "
                    f"| {x['uniform']} {_num(x['top1_uniform'], '{:.2f}')} "
-                   f"| {x.get('greedy') or ''} {_num(x.get('top1_greedy'), '{:.2f}')} ({_diff(x, 'greedy')}) "
-                   f"| {x.get('search') or ''} {_num(x.get('top1_search'), '{:.2f}')} ({_diff(x, 'search')}) "
-                   f"| {_diff(x, 'paper_rule')} | {qat} | {x.get('search_dominates') or ''} | {x['cells']} "
+                   f"| {_pick(x, 'greedy')} | {_pick(x, 'search')} "
+                   f"| {_diff(x, 'paper_rule') or 'not run yet'} | {qat} | {x.get('search_dominates') or ''} | {x['cells']} "
                    f"| **{x['verdict']}** |")
     return "\n".join(out) + "\n"
 

@@ -237,6 +237,9 @@ def test_summary_selects_greedy_and_search_on_validation_and_reports_test():
     assert "(seed 0 of 2) |  | 8 of 9 | **wins (partial)** |" in text
     (tie,) = summary_rows([r for r in stats if r["strategy"] != "random"], rows, {("m", 8, 4): 8})
     assert tie["search"] == "sequential" and tie["cells"] == "8 of 8"  # a tie on validation: the earlier one
+    (early,) = summary_rows(stats[:1], rows[:2], {("m", 8, 4): 9})  # one uniform cell in: nothing else run yet
+    assert (early.get("greedy"), early.get("search"), early["cells"]) == (None, None, "1 of 9")
+    assert "| not run yet | not run yet | not run yet | not run | " in markdown([early], "s")
     assert [verdict(0.3, 0.2), verdict(-1.0, 0.01), verdict(None, None)] == ["within noise", "loses", "not measured"]
 
 
